@@ -1,0 +1,19 @@
+"""Every test runs with 4 emulated CPU devices, so sharded code paths run everywhere."""
+
+import os
+
+# Must happen before JAX initialises its backends.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ['XLA_FLAGS'] = (
+  os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=4'
+).strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update('jax_num_cpu_devices', 4)
+
+
+@pytest.fixture(scope='session', autouse=True)
+def _four_devices():
+  assert jax.device_count() == 4, jax.devices()
