@@ -1,0 +1,1 @@
+"""Placeholder: being written on its own branch."""
