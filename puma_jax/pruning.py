@@ -247,7 +247,7 @@ def select(
   Returns:
     A `PruneResult`. Its `stats` hold: `kept` / `pruned` counts per source,
     `kept_per_class` and `num_per_class` (lists of length K) per source, `eps`
-    (mean, min, max, quantiles and the counts `reduced` (< eps), `negative`
+    (count, mean, quantiles '0' (min) to '1' (max), and the counts `reduced` (< eps), `negative`
     (< 0), `zero` (== 0) and `full` (== eps)) over all kept examples and per
     source, and, with margins, the margin quantiles of kept and pruned
     examples per source.
