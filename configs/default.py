@@ -62,13 +62,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.margins.batch_size = 256
   c.margins.recompute = False  # Recompute when the saved manifest disagrees.
 
-  # Pruning and per-example eps.
+  # Pruning and per-example eps (puma_jax/pruning.py; eps is c.attack.eps, `random` uses c.seed).
   c.prune = ml_collections.ConfigDict()
-  c.prune.strategy = 'puma'  # none | random | prune_high | prune_low | puma
-  c.prune.fraction = 0.3
-  c.prune.scope = 'generated'  # generated | joint
-  c.prune.class_balanced = False
-  c.prune.eps_rule = 'puma'  # constant | puma | clip0
+  # none | random | prune_high (drop the highest margins) | prune_low (drop the lowest) |
+  # puma (drop the highest, then per-example eps by eps_rule; the others use a constant eps).
+  c.prune.strategy = 'puma'
+  c.prune.fraction = 0.3  # Share of the pool dropped, in [0, 1), rounded half up.
+  c.prune.scope = 'generated'  # generated (real data all kept) | joint (real + generated ranked)
+  c.prune.class_balanced = False  # Drop the same fraction within every class.
+  # constant: eps | puma: clip(m, -eps, eps) | clip0: clip(m, 0, eps). Used by strategy puma.
+  c.prune.eps_rule = 'puma'
 
   # Adversarial training.
   c.train = ml_collections.ConfigDict()
