@@ -11,7 +11,7 @@
 
 from puma_jax.datasets import input_pipeline, sidecar
 from puma_jax.datasets.errors import DataError
-from puma_jax.datasets.prepare import Prepared, prepare
+from puma_jax.datasets.prepared import Prepared, prepare
 from puma_jax.datasets.splits import SOURCE_IDS, Split, open_split
 
 __all__ = [

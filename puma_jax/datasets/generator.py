@@ -102,8 +102,7 @@ class ClassConditionalGenerator:
       if len(xc) <= max(s.num_components, s.neighbours):
         raise ValueError(f'class {c} has {len(xc)} images; need more than {s.num_components}')
       mean = xc.mean(0)
-      _, _, vt = np.linalg.svd(xc - mean, full_matrices=False)
-      comps = np.ascontiguousarray(vt[: s.num_components])
+      comps = _principal_directions(xc - mean, s.num_components)
       codes = (xc - mean) @ comps.T
       d2 = ((codes[:, None, :] - codes[None, :, :]) ** 2).sum(-1)
       np.fill_diagonal(d2, np.inf)
@@ -162,6 +161,23 @@ class ClassConditionalGenerator:
       b = min(num_examples, a + CHUNK)
       images[a:b] = self._sample_chunk(labels[a:b], np.random.default_rng([seed, 1, i]))
     return images, labels.astype(np.int64)
+
+
+def _principal_directions(x: np.ndarray, k: int) -> np.ndarray:
+  """f32[k, D]: the top-k principal directions of centred rows x (f32[n, D]), unit norm.
+
+  Uses the eigendecomposition of the smaller Gram/covariance matrix rather than an
+  SVD: the same directions, and much faster with a multithreaded BLAS on a busy host.
+  """
+  x = x.astype(np.float64)
+  if len(x) <= x.shape[1]:
+    vals, vecs = np.linalg.eigh(x @ x.T)  # ascending
+    vals, vecs = vals[::-1][:k], vecs[:, ::-1][:, :k]
+    dirs = (vecs.T @ x) / np.sqrt(np.maximum(vals, 1e-12))[:, None]
+  else:
+    _, vecs = np.linalg.eigh(x.T @ x)
+    dirs = vecs[:, ::-1][:, :k].T
+  return np.ascontiguousarray(dirs, dtype=np.float32)
 
 
 def _sigmoid(x):

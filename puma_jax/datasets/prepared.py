@@ -81,6 +81,7 @@ class _Plan:
   make_source: Callable[[], sources.Source]
   field: str  # config field(s) to mention in errors
   fix: str  # how to use a different dataset instead
+  gone: dict[str, Any] | None = None  # What identifies a source file that no longer exists.
 
 
 def prepare(data_config: Any, data_dir: str | os.PathLike, *, build: bool = True) -> Prepared:
@@ -165,6 +166,7 @@ def _real_plan(cfg: Any) -> _Plan:
 
 def _generated_plan(gen_cfg: Any, real_cfg: Any, real: splits.Split, data_dir: Path) -> _Plan:
   name = builders.check_config_name(gen_cfg.name, 'data.generated.name')
+  gone = None
   if gen_cfg.kind == 'embedded':
     if real_cfg.kind != 'mnist_embedded':
       raise DataError(
@@ -186,10 +188,9 @@ def _generated_plan(gen_cfg: Any, real_cfg: Any, real: splits.Split, data_dir: P
         'data.generated.kind=npz needs data.generated.path: the .npz with `image` and `label`.'
       )
     path = Path(gen_cfg.path).expanduser()
-    if path.exists():
-      spec = sources.npz_spec(path)
-    else:
-      spec = None  # Checked in _ensure: fine if already built, an error otherwise.
+    # A missing file is fine only if this very file was built already (checked in _ensure).
+    spec = sources.npz_spec(path) if path.exists() else None
+    gone = None if path.exists() else {'kind': 'npz', 'path': os.fspath(path.resolve())}
 
     def make():
       if not path.exists():
@@ -204,6 +205,7 @@ def _generated_plan(gen_cfg: Any, real_cfg: Any, real: splits.Split, data_dir: P
     num_shards=gen_cfg.num_shards,
     make_source=make,
     field=field,
+    gone=gone,
     fix='choose a new data.generated.name to build it beside the old one',
   )
 
@@ -236,6 +238,11 @@ def _ensure(plan: _Plan, data_dir: Path, build: bool, built: list[str]) -> Path:
     existing = splits.open_split(ddir, 'train', source_id=0, data_dir=data_dir)
     old = existing.metadata.get('puma', {})
     if plan.spec is None:
+      if any(old.get(k) != v for k, v in (plan.gone or {}).items()):
+        raise DataError(
+          f'{plan.field} does not exist, and {ddir} was built from another source '
+          f'({_describe(old)}). Fix the path, or {plan.fix}.'
+        )
       logging.warning('%s: its source (%s) is gone; reusing the built dataset', name, plan.field)
     elif not sources.same_spec(old, plan.spec):
       raise DataError(
