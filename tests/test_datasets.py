@@ -361,3 +361,34 @@ def test_labels_file_is_written_with_the_dataset(embedded):
     assert saved.dtype == np.int32 and saved.shape == (s.num_examples,)
   digest = hashlib.sha256(p.real_train.labels().astype('<i4').tobytes()).hexdigest()
   assert p.real_train.labels_fingerprint() == f'sha256:{digest}'
+
+
+def test_image_folder_kind_opens_a_converted_dataset(tmp_path):
+  data_dir = tmp_path / 'data'
+  images, labels = _digits(12)
+  arrays = {
+    s: builders.ArraySplit(labels=labels, read_images=lambda a, b: images[a:b])
+    for s in ('train', 'test')
+  }
+  builders.build(
+    'puma_real',
+    'converted',
+    data_dir=data_dir,
+    arrays=arrays,
+    image_shape=(28, 28, 1),
+    num_classes=10,
+    num_shards=2,
+    build_spec={'kind': 'converter'},
+  )
+  cfg = _config(kind='none')
+  cfg.real.kind = 'image_folder'
+  cfg.real.name = 'puma_real/converted'
+  p = prepared.prepare(cfg, data_dir)
+  assert p.real_train.name == 'puma_real/converted' and p.real_test.num_examples == 12
+  assert p.built == ()
+  cfg.real.name = 'imagenet21k_64px'
+  with pytest.raises(DataError, match='run the image-folder converter first'):
+    prepared.prepare(cfg, data_dir)
+  cfg.real.name = ''
+  with pytest.raises(DataError, match='needs data.real.name'):
+    prepared.prepare(cfg, data_dir)

@@ -202,6 +202,8 @@ class TrainIterator(grain.DatasetIterator):
     if not 0 <= process_index < process_count:
       raise ValueError(f'process_index {process_index} not in [0, {process_count})')
     self.views = dict(views)
+    for v in self.views.values():
+      _ = v.split.data_source  # Open the readers here, not concurrently in grain's threads.
     self.batch_size = batch_size
     self.counts = {k: v for k, v in counts.items() if v}
     self.eps = float(eps)
@@ -465,6 +467,7 @@ def _padded_batches(
   threads: int,
   prefetch: int,
 ) -> grain.IterDataset:
+  _ = split.data_source  # Open the readers here, not concurrently in grain's threads.
   return grain.MapDataset.source(_PaddedBatches(split, per_batch, batch_size, eps)).to_iter_dataset(
     grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch)
   )
