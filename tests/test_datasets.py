@@ -392,3 +392,20 @@ def test_image_folder_kind_opens_a_converted_dataset(tmp_path):
   cfg.real.name = ''
   with pytest.raises(DataError, match='needs data.real.name'):
     prepared.prepare(cfg, data_dir)
+
+
+def test_leftovers_of_a_killed_build_are_removed(tmp_path, data_dir):
+  # What SIGKILL during a build leaves: TFDS's incomplete folder and our temporary folders.
+  junk = [
+    data_dir / 'puma_generated' / 'killed' / f'incomplete.AbC123_{builders.VERSION}',
+    data_dir / '.generating-xyz',
+    data_dir / '.tfds-downloads-xyz',
+  ]
+  for path in junk:
+    path.mkdir(parents=True)
+    (path / 'partial').write_bytes(b'x')
+  images, labels = _digits(10)
+  np.savez(tmp_path / 'gen.npz', image=images, label=labels)
+  cfg = _config(kind='npz', path=str(tmp_path / 'gen.npz'), name='killed')
+  assert prepared.prepare(cfg, data_dir).generated.num_examples == 10
+  assert not any(path.exists() for path in junk)

@@ -226,7 +226,13 @@ def _embedded_source(
   source = sources.npz_source(
     path, num_classes=real.num_classes, image_shape=real.image_shape, spec=spec
   )
-  source.cleanup = tmp.cleanup
+  close = source.cleanup
+
+  def cleanup():
+    close()
+    tmp.cleanup()
+
+  source.cleanup = cleanup
   return source
 
 
@@ -257,9 +263,11 @@ def _ensure(plan: _Plan, data_dir: Path, build: bool, built: list[str]) -> Path:
     return ddir
   if not build:
     raise DataError(f'{ddir}: {name} is not prepared yet; run prepare on process 0 first.')
-  for stale in ddir.parent.glob(f'incomplete.*_{ddir.name}'):
-    logging.warning('removing %s, left by an interrupted build', stale)
-    shutil.rmtree(stale, ignore_errors=True)
+  # Left by a build that was killed (an exception cleans up after itself).
+  stale = [*ddir.parent.glob(f'incomplete.*_{ddir.name}'), *data_dir.glob('.generating-*')]
+  for path in [*stale, *data_dir.glob('.tfds-downloads-*')]:
+    logging.warning('removing %s, left by an interrupted build', path)
+    shutil.rmtree(path, ignore_errors=True)
   t0 = time.perf_counter()
   source = plan.make_source()
   try:

@@ -151,7 +151,8 @@ def npz_source(
     return x.reshape((b - a, *shape))
 
   spec = spec if spec is not None else npz_spec(path)
-  return Source({'train': builders.ArraySplit(labels, read_images)}, shape, num_classes, None, spec)
+  arrays = {'train': builders.ArraySplit(labels, read_images)}
+  return Source(arrays, shape, num_classes, None, spec, cleanup=stream.close)
 
 
 def embedded_generated_spec(seed: int, num_examples: int) -> dict[str, Any]:
