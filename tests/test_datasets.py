@@ -4,7 +4,12 @@ import gzip
 import hashlib
 import importlib.util
 import io
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -409,3 +414,37 @@ def test_leftovers_of_a_killed_build_are_removed(tmp_path, data_dir):
   cfg = _config(kind='npz', path=str(tmp_path / 'gen.npz'), name='killed')
   assert prepared.prepare(cfg, data_dir).generated.num_examples == 10
   assert not any(path.exists() for path in junk)
+
+
+def test_build_killed_by_sigkill_leaves_no_dataset(tmp_path, data_dir):
+  images, labels = _digits(400)
+  np.savez(tmp_path / 'gen.npz', image=images, label=labels)
+  script = f"""
+import time
+from puma_jax.datasets import builders, npz, sources
+builders.CHUNK_ROWS = 10
+read = npz.ArrayStream.read
+def slow(self, a, b):
+  time.sleep(0.05)
+  return read(self, a, b)
+npz.ArrayStream.read = slow
+src = sources.npz_source({str(tmp_path / 'gen.npz')!r}, num_classes=10, image_shape=(28, 28, 1))
+builders.build('puma_generated', 'sigkill', data_dir={str(data_dir)!r}, arrays=src.arrays,
+               image_shape=(28, 28, 1), num_classes=10, num_shards=4,
+               build_spec={{**src.spec, 'num_shards': 4}})
+"""
+  env = {**os.environ, 'PYTHONPATH': str(ROOT), 'JAX_PLATFORMS': 'cpu'}
+  proc = subprocess.Popen([sys.executable, '-c', script], env=env)
+  parent = data_dir / 'puma_generated' / 'sigkill'
+  deadline = time.time() + 120
+  while not list(parent.glob('incomplete.*/*array_record-00001-of-00004')):
+    assert proc.poll() is None, 'the build ended before it could be killed'
+    assert time.time() < deadline
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (parent / builders.VERSION).exists()  # Shards were written, but no dataset.
+  cfg = _config(kind='npz', path=str(tmp_path / 'gen.npz'), name='sigkill', num_shards=4)
+  g = prepared.prepare(cfg, data_dir).generated
+  np.testing.assert_array_equal(g.labels(), labels)
+  assert not list(parent.glob('incomplete.*'))
