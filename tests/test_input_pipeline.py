@@ -5,6 +5,7 @@ import json
 import chex
 import grain
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from puma_jax.datasets import DataError, input_pipeline, testing
@@ -166,13 +167,17 @@ def test_resume_mid_epoch_equals_uninterrupted(splits, threads):
   assert resumed.get_state()['step'] == 9
 
 
-def test_resume_through_grain_checkpoint_handler(splits, tmp_path):
-  it = _iterator(splits)
+def test_resume_through_an_orbax_checkpoint(splits, tmp_path):
+  it = _iterator(splits, augment=True)
   _take(it, 3)
-  grain.checkpoint.CheckpointHandler().save(tmp_path, it)
-  expected = next(it)
-  restored = grain.checkpoint.CheckpointHandler().restore(tmp_path, _iterator(splits))
-  chex.assert_trees_all_equal(next(restored), expected)
+  manager = ocp.CheckpointManager(tmp_path / 'ckpt', item_names=('data_iter',))
+  manager.save(3, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(it)))
+  manager.wait_until_finished()
+  expected = _take(it, 2)
+  fresh = _iterator(splits, augment=True)
+  manager.restore(3, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(fresh)))
+  chex.assert_trees_all_equal(_take(fresh, 2), expected)
+  manager.close()
 
 
 def test_state_from_a_different_pipeline_is_refused(splits):
