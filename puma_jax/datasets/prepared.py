@@ -105,8 +105,15 @@ def prepare(data_config: Any, data_dir: str | os.PathLike, *, build: bool = True
   data_dir = Path(data_config.data_dir or data_dir).expanduser()
   data_dir.mkdir(parents=True, exist_ok=True)
   built: list[str] = []
+  real_cfg, gen_cfg = data_config.real, data_config.generated
+  # Check the cheap things before a long build.
+  if gen_cfg.kind not in GENERATED_KINDS:
+    raise DataError(
+      f'data.generated.kind={gen_cfg.kind!r} is not one of {GENERATED_KINDS}; fix the config.'
+    )
+  if gen_cfg.kind != 'none':
+    builders.check_config_name(gen_cfg.name, 'data.generated.name')
 
-  real_cfg = data_config.real
   if real_cfg.kind == 'image_folder':
     real_dir = _image_folder_dir(data_dir, real_cfg.name)
   else:
@@ -116,11 +123,6 @@ def prepare(data_config: Any, data_dir: str | os.PathLike, *, build: bool = True
   real_test = splits.open_split(real_dir, 'test', source_id=0, data_dir=data_dir)
 
   generated = None
-  gen_cfg = data_config.generated
-  if gen_cfg.kind not in GENERATED_KINDS:
-    raise DataError(
-      f'data.generated.kind={gen_cfg.kind!r} is not one of {GENERATED_KINDS}; fix the config.'
-    )
   if gen_cfg.kind != 'none':
     plan = _generated_plan(gen_cfg, real_cfg, real_train, data_dir)
     gen_dir = _ensure(plan, data_dir, build, built)
@@ -190,7 +192,8 @@ def _generated_plan(gen_cfg: Any, real_cfg: Any, real: splits.Split, data_dir: P
     path = Path(gen_cfg.path).expanduser()
     # A missing file is fine only if this very file was built already (checked in _ensure).
     spec = sources.npz_spec(path) if path.exists() else None
-    gone = None if path.exists() else {'kind': 'npz', 'path': os.fspath(path.resolve())}
+    if not path.exists():
+      gone = {'kind': 'npz', 'path': os.fspath(path.resolve()), 'num_shards': gen_cfg.num_shards}
 
     def make():
       if not path.exists():
