@@ -311,4 +311,14 @@ def load(
 
 def missing_shards(split: Split, tag: str, root: str | os.PathLike | None = None) -> list[int]:
   """Shard ids whose sidecar is not complete (all of them if the manifest is missing or stale)."""
-  return [k for k in range(split.num_shards) if not is_complete(split, tag, k, root)]
+  try:
+    check_manifest(read_manifest(split, tag, root), split, path=manifest_path(split, tag, root))
+  except SidecarError:
+    return list(range(split.num_shards))
+  missing = []
+  for k in range(split.num_shards):
+    try:
+      _check_sidecar(split, k, sidecar_path(split, tag, k, root))
+    except SidecarError:
+      missing.append(k)
+  return missing

@@ -68,7 +68,7 @@ class Split:
   def num_shards(self) -> int:
     return len(self.shard_paths)
 
-  @property
+  @functools.cached_property
   def shard_offsets(self) -> tuple[int, ...]:
     """Global index of the first example of each shard."""
     return tuple(int(x) for x in np.concatenate([[0], np.cumsum(self.shard_lengths)[:-1]]))
