@@ -149,6 +149,12 @@ def test_processes_get_disjoint_complete_parts_of_each_global_batch(splits, proc
     assert sum(len(k) for k in keys) == len(set().union(*keys)) == 20
 
 
+def test_splits_of_different_shapes_are_refused(splits, tmp_path):
+  other = testing.make_split(tmp_path, num_examples=10, image_shape=(5, 5, 1), source='generated')
+  with pytest.raises(DataError, match='differ in image shape'):
+    _iterator({'real': splits['real'], 'generated': other})
+
+
 def test_batch_size_must_divide_over_processes(splits):
   with pytest.raises(DataError, match='divisible'):
     _iterator(splits, batch_size=10, process_count=4)

@@ -201,6 +201,12 @@ class TrainIterator(grain.DatasetIterator):
       raise DataError(f'batch size {batch_size} is not divisible by the {process_count} processes')
     if not 0 <= process_index < process_count:
       raise ValueError(f'process_index {process_index} not in [0, {process_count})')
+    shapes = {(v.split.image_shape, v.split.num_classes) for v in views.values()}
+    if len(shapes) > 1:
+      raise DataError(
+        'real and generated splits differ in image shape or number of classes: '
+        + ', '.join(f'{k}: {v.split!r}' for k, v in views.items())
+      )
     self.views = dict(views)
     for v in self.views.values():
       _ = v.split.data_source  # Open the readers here, not concurrently in grain's threads.
@@ -318,20 +324,20 @@ class TrainIterator(grain.DatasetIterator):
         'seed, eps, augmentation or kept examples changed); resume with the same settings or '
         'start a new workdir.'
       )
-    self.close_inner()
+    self._close_inner()
     self.step = int(state['step'])
 
   def start_prefetch(self) -> None:
     if self._inner is None:
       self._start()
 
-  def close_inner(self) -> None:
+  def _close_inner(self) -> None:
     if self._inner is not None:
       self._inner.close()
       self._inner = None
 
   def close(self) -> None:
-    self.close_inner()
+    self._close_inner()
 
 
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
