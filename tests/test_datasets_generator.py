@@ -16,7 +16,7 @@ def train():
 
 @pytest.fixture(scope='module')
 def fitted(train):
-  return generator.ClassConditionalGenerator().fit(*train)
+  return sources.fitted_generator()
 
 
 @pytest.fixture(scope='module')
@@ -96,6 +96,7 @@ def test_fitted_on_the_train_split_only(tmp_path, monkeypatch):
     return real_split_arrays(split)
 
   monkeypatch.setattr(mnist, 'split_arrays', train_only)
+  sources.fitted_generator.cache_clear()  # Fit again, under the watch of `train_only`.
   path = sources.write_embedded_generated(tmp_path / 'g.npz', seed=0, num_examples=50)
   members = npz.inspect(path)
   assert set(members) == {'image', 'label'}

@@ -7,6 +7,7 @@ dataset's metadata and compares before reusing a built dataset.
 """
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -166,11 +167,16 @@ def embedded_generated_spec(seed: int, num_examples: int) -> dict[str, Any]:
   }
 
 
-def write_embedded_generated(path: str | os.PathLike, *, seed: int, num_examples: int) -> Path:
-  """Fits the generator on the embedded MNIST train split and writes its samples as an .npz."""
+@functools.cache
+def fitted_generator() -> generator.ClassConditionalGenerator:
+  """The generator fitted on the embedded MNIST train split (fitted once per process)."""
   images, labels, _ = mnist.split_arrays('train')
-  gen = generator.ClassConditionalGenerator().fit(images, labels)
-  images, labels = gen.sample(num_examples, seed=seed)
+  return generator.ClassConditionalGenerator().fit(images, labels)
+
+
+def write_embedded_generated(path: str | os.PathLike, *, seed: int, num_examples: int) -> Path:
+  """Samples the generator fitted on the embedded MNIST train split; writes an .npz."""
+  images, labels = fitted_generator().sample(num_examples, seed=seed)
   return generator.write_npz(path, images, labels)
 
 
