@@ -29,10 +29,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.generated.path = ''  # npz: the user's file with keys `image` and `label`.
   c.data.generated.name = 'mnist_generated'  # TFDS config name of the built dataset.
   c.data.generated.num_examples = 40_000  # embedded generator only.
+  c.data.generated.seed = 0  # embedded generator only.
   c.data.generated.num_shards = 4
   c.data.generated_fraction = 0.7  # Share of every training batch drawn from generated data.
   c.data.augment = False  # Random crop + horizontal flip (on for CIFAR).
-  c.data.crop_padding = 4
+  c.data.crop_padding = 4  # Zero padding (pixels) before the random crop.
+  c.data.read_threads = 4  # Threads decoding records for the input pipeline.
+  c.data.prefetch_batches = 4  # Batches prepared ahead of the training loop.
 
   # Model (a name in puma_jax.models plus its keyword arguments).
   c.model = ml_collections.ConfigDict()
