@@ -1,11 +1,202 @@
-"""Placeholder: being written on its own branch."""
+"""A small configurable CNN: 3x3 conv + ReLU blocks with optional 2x2 max-pool, then dense layers.
+
+Two configurations matter:
+
+* the default, a fast MNIST model (28x28x1 input, about 2.4 MFLOP per forward pass):
+  conv3-16, relu, maxpool2, conv3-32, relu, maxpool2, fc128, relu, fc10;
+* the peer benchmark's CIFAR CNN (32x32x3 input, 81.5 MFLOP):
+  `SmallCNN(conv_channels=(32, 64, 128), pool_after=(False, True, True), dense_widths=(256,))`,
+  i.e. conv3-32, relu, conv3-64, relu, maxpool2, conv3-128, relu, maxpool2, fc256, relu, fc10.
+
+Submodules are named after the PyTorch layers they import from: `conv1`, `conv2`, ...
+and `fc1`, `fc2`, ... (the last `fc` is the classifier), so a PyTorch `state_dict`
+with those names converts with `convert_torch_state_dict`.
+"""
+
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@jax.custom_vjp
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """2x2 max-pool with stride 2 (VALID) over the H and W axes of `x` f32[B,H,W,C].
+
+  Same values as `nn.max_pool(x, (2, 2), strides=(2, 2))`. Its VJP routes each
+  window's cotangent to the window's first maximal element (row-major order, as
+  PyTorch does) with compares and selects, which XLA fuses into elementwise code;
+  the default VJP lowers to a select-and-scatter that XLA's CPU backend runs
+  several times slower than the forward pass.
+  """
+  return _max_pool_2x2_fwd(x)[0]
+
+
+def _windows(x: jax.Array) -> jax.Array:
+  b, h, w, c = x.shape
+  if h % 2 or w % 2:
+    x = x[:, : h - h % 2, : w - w % 2]  # VALID pooling drops the last odd row / column.
+  return x.reshape(b, h // 2, 2, w // 2, 2, c)
+
+
+def _max_pool_2x2_fwd(x):
+  win = _windows(x)
+  return jnp.max(win, axis=(2, 4)), (x, jnp.max(win, axis=(2, 4)))
+
+
+def _max_pool_2x2_bwd(res, g):
+  x, out = res
+  win = _windows(x)
+  is_max = win == out[:, :, None, :, None, :]
+  # The first maximal element of each window in row-major order gets the cotangent.
+  m00 = is_max[:, :, 0, :, 0]
+  m01 = is_max[:, :, 0, :, 1] & ~m00
+  m10 = is_max[:, :, 1, :, 0] & ~(m00 | m01)
+  m11 = ~(m00 | m01 | m10)
+  first = jnp.stack([jnp.stack([m00, m01], axis=3), jnp.stack([m10, m11], axis=3)], axis=2)
+  grad = jnp.where(first, g[:, :, None, :, None, :], jnp.zeros((), g.dtype))
+  grad = grad.reshape(win.shape[0], 2 * win.shape[1], 2 * win.shape[3], win.shape[5])
+  pad_h, pad_w = x.shape[1] - grad.shape[1], x.shape[2] - grad.shape[2]
+  if pad_h or pad_w:
+    grad = jnp.pad(grad, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+  return (grad.astype(x.dtype),)
+
+
+max_pool_2x2.defvjp(_max_pool_2x2_fwd, _max_pool_2x2_bwd)
 
 
 class SmallCNN(nn.Module):
-  def __call__(self, x, train: bool = False):
-    raise NotImplementedError('SmallCNN is being written on its own branch')
+  """Conv blocks (3x3 conv, ReLU, optional 2x2 max-pool), flatten, dense layers.
+
+  Attributes:
+    num_classes: number of logits K.
+    conv_channels: output channels of each conv layer.
+    pool_after: for each conv layer, whether a 2x2 max-pool follows its ReLU.
+    dense_widths: widths of the hidden dense layers (each followed by ReLU); the
+      classifier layer comes after them.
+    kernel_size: conv kernel size (odd); padding keeps the spatial size.
+    mean, std: optional per-channel input normalisation applied inside the model.
+    dtype: compute dtype; parameters stay float32 and logits are float32.
+  """
+
+  num_classes: int = 10
+  conv_channels: Sequence[int] = (16, 32)
+  pool_after: Sequence[bool] = (True, True)
+  dense_widths: Sequence[int] = (128,)
+  kernel_size: int = 3
+  mean: Sequence[float] | None = None
+  std: Sequence[float] | None = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """Logits f32[B,K] of images `x` f32[B,H,W,C] in [0,1] (`train` is unused: no BN/dropout)."""
+    del train
+    if len(self.pool_after) != len(self.conv_channels):
+      raise ValueError(
+        f'SmallCNN: pool_after has {len(self.pool_after)} entries but conv_channels has '
+        f'{len(self.conv_channels)}; give one bool per conv layer (config model.pool_after).'
+      )
+    if self.kernel_size % 2 != 1:
+      raise ValueError(f'SmallCNN: kernel_size must be odd, got {self.kernel_size}')
+    x = _normalize(x.astype(jnp.float32), self.mean, self.std).astype(self.dtype)
+    pad = self.kernel_size // 2
+    for i, (features, pool) in enumerate(zip(self.conv_channels, self.pool_after, strict=True)):
+      x = nn.Conv(
+        features,
+        (self.kernel_size, self.kernel_size),
+        padding=((pad, pad), (pad, pad)),
+        dtype=self.dtype,
+        name=f'conv{i + 1}',
+      )(x)
+      x = nn.relu(x)
+      if pool:
+        x = max_pool_2x2(x)
+    x = x.reshape(x.shape[0], -1)  # HWC order; the PyTorch import permutes fc1 from CHW.
+    for j, width in enumerate(self.dense_widths):
+      x = nn.relu(nn.Dense(width, dtype=self.dtype, name=f'fc{j + 1}')(x))
+    x = nn.Dense(self.num_classes, dtype=self.dtype, name=f'fc{len(self.dense_widths) + 1}')(x)
+    return x.astype(jnp.float32)
 
 
-convert_torch_state_dict = None
+def _normalize(x: jax.Array, mean, std) -> jax.Array:
+  if mean is None and std is None:
+    return x
+  mean = jnp.asarray(0.0 if mean is None else mean, jnp.float32)
+  std = jnp.asarray(1.0 if std is None else std, jnp.float32)
+  return (x - mean) / std
+
+
+def convert_torch_state_dict(
+  state_dict: Mapping[str, np.ndarray], **model_kwargs: Any
+) -> dict[str, Any]:
+  """Flax variables of `SmallCNN(**model_kwargs)` from a PyTorch `state_dict` (name -> array).
+
+  The PyTorch model must name its layers `conv1..convN` (nn.Conv2d, OIHW weights)
+  and `fc1..fcM` (nn.Linear, (out, in) weights), and flatten the last conv block's
+  NCHW map as PyTorch does (feature index c*H*W + h*W + w); the columns of `fc1`
+  are permuted to the HWC order of this NHWC model. `model_kwargs` are the
+  SmallCNN fields (only `conv_channels` and `dense_widths` matter here).
+
+  Raises:
+    ValueError: naming the key when a tensor is missing, unexpected, or has a shape
+      that does not fit the configured architecture.
+  """
+  fields = {f: getattr(SmallCNN, f) for f in ('conv_channels', 'dense_widths')}
+  fields.update({k: v for k, v in model_kwargs.items() if k in fields})
+  sd = {k: np.asarray(v, np.float32) for k, v in state_dict.items()}
+  used: set[str] = set()
+
+  def take(key: str, ndim: int) -> np.ndarray:
+    if key not in sd:
+      raise ValueError(f'PyTorch state_dict lacks {key!r} (SmallCNN expects conv1.., fc1.. layers)')
+    if sd[key].ndim != ndim:
+      raise ValueError(f'PyTorch tensor {key!r} has shape {sd[key].shape}, expected {ndim} dims')
+    used.add(key)
+    return sd[key]
+
+  params: dict[str, Any] = {}
+  in_ch = None
+  for i, features in enumerate(fields['conv_channels']):
+    name = f'conv{i + 1}'
+    w, b = take(f'{name}.weight', 4), take(f'{name}.bias', 1)
+    if w.shape[0] != features or (in_ch is not None and w.shape[1] != in_ch):
+      raise ValueError(
+        f'PyTorch tensor {name}.weight has shape {w.shape}; the model expects '
+        f'{features} output channels{"" if in_ch is None else f" and {in_ch} inputs"} '
+        '(check model.conv_channels)'
+      )
+    params[name] = {'kernel': w.transpose(2, 3, 1, 0), 'bias': b}
+    in_ch = features
+  widths = list(fields['dense_widths'])
+  for j in range(len(widths) + 1):
+    name = f'fc{j + 1}'
+    w, b = take(f'{name}.weight', 2), take(f'{name}.bias', 1)
+    if j < len(widths) and w.shape[0] != widths[j]:
+      raise ValueError(
+        f'PyTorch tensor {name}.weight has {w.shape[0]} outputs; model.dense_widths[{j}] '
+        f'is {widths[j]}'
+      )
+    kernel = w.T
+    if j == 0 and in_ch is not None:
+      kernel = _chw_rows_to_hwc(kernel, in_ch, name)
+    params[name] = {'kernel': kernel, 'bias': b}
+  unexpected = sorted(set(sd) - used)
+  if unexpected:
+    raise ValueError(f'PyTorch state_dict has tensors SmallCNN does not use: {unexpected}')
+  return {'params': params}
+
+
+def _chw_rows_to_hwc(kernel: np.ndarray, channels: int, name: str) -> np.ndarray:
+  """Reorders the input rows of a (C*H*W, out) kernel from CHW to HWC order (square maps)."""
+  n_in = kernel.shape[0]
+  hw = n_in // channels
+  side = int(round(hw**0.5))
+  if hw * channels != n_in or side * side != hw:
+    raise ValueError(
+      f'PyTorch tensor {name}.weight has {n_in} inputs, not channels ({channels}) x a square map'
+    )
+  return kernel.reshape(channels, side, side, -1).transpose(1, 2, 0, 3).reshape(n_in, -1)
