@@ -102,7 +102,7 @@ def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
   return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
-def _adversarial_inputs(
+def adversarial_inputs(
   logits_fn: Callable[[jax.Array], jax.Array],
   rng: jax.Array,
   batch: Batch,
@@ -112,6 +112,7 @@ def _adversarial_inputs(
   num_steps: int,
   step_size: float,
 ) -> jax.Array:
+  """The inner maximisation of `loss` ('trades' or 'pgd_at') with each example's `batch['eps']`."""
   x, y, eps = batch['image'], batch['label'], batch['eps']
   if loss == 'pgd_at':
     return attacks.pgd(
@@ -174,7 +175,7 @@ def train_step(
     return model.apply(eval_vars, x, train=False)
 
   x_adv = jax.lax.stop_gradient(
-    _adversarial_inputs(
+    adversarial_inputs(
       eval_logits, rng, batch, loss=loss, norm=norm, num_steps=num_steps, step_size=step_size
     )
   )
@@ -222,7 +223,7 @@ def train_step(
     ema_params=jax.tree.map(average, state.ema_params, new_params),
     ema_batch_stats=jax.tree.map(average, state.ema_batch_stats, new_stats),
   )
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss_value) & jnp.isfinite(grad_norm)
   # Keep the last good state: a non-finite step changes nothing, the loop stops.
   new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)

@@ -1,0 +1,297 @@
+"""`train_and_evaluate(config, workdir)`: the adversarial-training loop.
+
+Orchestration only: the step functions are pure (`steps.py`), the mesh lives in
+`parallel.py`, Orbax in `checkpointing.py`, the data in `datasets/`. A rerun
+of the same call resumes from the latest checkpoint in `workdir` (train state
+and data-iterator position) and gives the same states and metrics as an
+uninterrupted run. The workdir is never deleted.
+"""
+
+import functools
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from puma_jax import checkpointing, models, parallel, steps
+from puma_jax.datasets import Prepared, input_pipeline
+from puma_jax.metric_writer import MetricWriter, read_metrics
+from puma_jax.progress import Progress
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training produced a non-finite loss or gradient; the last good checkpoint is kept."""
+
+
+def create_model(model_config: Any):
+  """The Flax module named by `config.model` (every other field is a constructor argument)."""
+  kwargs = dict(model_config)
+  return models.create(kwargs.pop('name'), **kwargs)
+
+
+def make_optimizer(config: Any, num_steps: int | None = None):
+  """The optimiser and learning-rate schedule of `config.train`."""
+  train = config.train
+  return steps.make_optimizer(
+    learning_rate=train.learning_rate,
+    num_steps=num_train_steps(config, num_steps),
+    warmup_steps=train.warmup_steps,
+    momentum=train.momentum,
+    nesterov=train.nesterov,
+    weight_decay=train.weight_decay,
+  )
+
+
+def _rngs(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  root = jax.random.key(seed)
+  return tuple(jax.random.fold_in(root, i) for i in range(3))  # init, train, eval
+
+
+def _init_state(model, tx, image_shape, mesh, init_rng) -> steps.TrainState:
+  init = functools.partial(steps.create_train_state, model=model, tx=tx, image_shape=image_shape)
+  return jax.jit(init, out_shardings=parallel.replicated(mesh))(init_rng)
+
+
+def make_jit_train_step(config, model, tx, schedule, mesh) -> Callable[..., Any]:
+  """The compiled train step: state replicated (and donated), batch split over 'data'."""
+  attack, train = config.attack, config.train
+  step = functools.partial(
+    steps.train_step,
+    model=model,
+    tx=tx,
+    schedule=schedule,
+    loss=train.loss,
+    norm=attack.norm,
+    num_steps=attack.num_steps,
+    step_size=attack.step_size,
+    trades_beta=train.trades_beta,
+    label_smoothing=train.label_smoothing,
+    ema_decay=train.ema_decay,
+  )
+  repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
+  return jax.jit(
+    step, in_shardings=(repl, data, repl), out_shardings=(repl, repl), donate_argnums=0
+  )
+
+
+def make_jit_eval_step(config, model, mesh) -> Callable[..., Any]:
+  attack = config.attack
+  step = functools.partial(
+    steps.eval_step,
+    model=model,
+    norm=attack.norm,
+    eps=attack.eps,
+    num_steps=config.eval.pgd_steps,
+    step_size=attack.step_size,
+  )
+  repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
+  return jax.jit(step, in_shardings=(repl, data, repl), out_shardings=repl)
+
+
+def evaluate_pgd(
+  jit_eval_step, variables, split, *, config, mesh, rng: jax.Array
+) -> dict[str, float]:
+  """Clean and PGD accuracy of `variables` on `split` (exact with a padded last batch)."""
+  totals = {'count': 0.0, 'clean_correct': 0.0, 'pgd_correct': 0.0}
+  batches = input_pipeline.eval_batches(
+    split,
+    batch_size=config.eval.batch_size,
+    num_examples=config.eval.num_examples,
+    eps=config.attack.eps,
+  )
+  sums = []
+  for i, batch in enumerate(batches):
+    sums.append(
+      jit_eval_step(variables, parallel.shard_batch(batch, mesh), jax.random.fold_in(rng, i))
+    )
+  for s in jax.device_get(sums):
+    for k in totals:
+      totals[k] += float(s[k])
+  n = max(totals['count'], 1.0)
+  return {
+    'num_examples': int(totals['count']),
+    'clean_accuracy': totals['clean_correct'] / n,
+    'pgd_accuracy': totals['pgd_correct'] / n,
+  }
+
+
+def num_train_steps(config: Any, override: int | None = None) -> int:
+  steps_ = int(override if override is not None else config.train.num_steps)
+  if steps_ <= 0:
+    raise ValueError(f'train.num_steps must be positive, got {steps_}')
+  return steps_
+
+
+def _mean_metrics(history: list[Mapping[str, jax.Array]]) -> dict[str, float]:
+  host = jax.device_get(history)
+  out = {k: float(np.mean([h[k] for h in host])) for k in host[0]}
+  out['nonfinite'] = float(sum(h['nonfinite'] for h in host))
+  return out
+
+
+def _last_eval(metrics_path: Path) -> dict[str, float]:
+  """The last evaluation logged in a finished run's metrics."""
+  last = {}
+  for row in read_metrics(metrics_path):
+    evals = {k.removeprefix('eval/'): v for k, v in row.items() if k.startswith('eval/')}
+    if evals:
+      last = evals
+  if 'num_examples' in last:
+    last['num_examples'] = int(last['num_examples'])
+  return last
+
+
+def train_and_evaluate(
+  config: Any,
+  workdir: str | Path,
+  *,
+  prepared: Prepared,
+  kept: Mapping[str, np.ndarray] | None = None,
+  kept_eps: Mapping[str, np.ndarray] | None = None,
+  num_steps: int | None = None,
+  mesh: jax.sharding.Mesh | None = None,
+  on_step: Callable[[int, steps.TrainState], None] | None = None,
+) -> tuple[steps.TrainState, dict[str, float]]:
+  """Adversarial training with periodic evaluation of the EMA weights; resumable.
+
+  Args:
+    config: the run's config (`data`, `model`, `attack`, `train`, `eval`, `seed`).
+    workdir: the run's folder: `checkpoints/`, `metrics.jsonl`, TensorBoard events.
+    prepared: the datasets (`datasets.prepare`).
+    kept, kept_eps: pruning output per source ('real', 'generated'): global ids
+      and the per-example eps aligned with them; None trains on everything with
+      the constant `config.attack.eps`.
+    num_steps: overrides `config.train.num_steps` (the margin model's short run).
+    mesh: the ('data',) mesh; default all devices.
+    on_step: called with (step, state) after every step (tests use it to stop a
+      run); never called for the steps restored from a checkpoint.
+
+  Returns:
+    The final train state and the final evaluation metrics.
+  """
+  workdir = Path(workdir)
+  mesh = mesh or parallel.make_mesh()
+  total = num_train_steps(config, num_steps)
+  train_cfg = config.train
+  model = create_model(config.model)
+  if prepared.real_train.num_classes != config.model.num_classes:
+    raise ValueError(
+      f'model.num_classes={config.model.num_classes} but the dataset has '
+      f'{prepared.real_train.num_classes} classes; fix config.model.num_classes.'
+    )
+  parallel.local_batch_size(train_cfg.batch_size, mesh)
+  parallel.local_batch_size(config.eval.batch_size, mesh)
+  tx, schedule = make_optimizer(config, total)
+  init_rng, train_rng, eval_rng = _rngs(config.seed)
+  state = _init_state(model, tx, prepared.real_train.image_shape, mesh, init_rng)
+
+  train_iter = input_pipeline.train_iterator_from_config(
+    config.data,
+    prepared.train_splits,
+    batch_size=train_cfg.batch_size,
+    eps=config.attack.eps,
+    seed=config.seed,
+    kept=kept,
+    kept_eps=kept_eps,
+  )
+  ckpt = checkpointing.Checkpointer(workdir / 'checkpoints', keep_last=2)
+  start = ckpt.latest_step()
+  if start is not None:
+    restored = ckpt.restore({'state': checkpointing.abstract_target(state), 'data_iter': None})
+    state = restored['state']
+    train_iter.set_state(restored['data_iter'])
+    logging.info('resumed %s from step %d', workdir, start)
+  start = start or 0
+  writer = MetricWriter(workdir, resume_step=start if start else None)
+
+  jit_train_step = make_jit_train_step(config, model, tx, schedule, mesh)
+  jit_eval_step = make_jit_eval_step(config, model, mesh)
+
+  def evaluate(step: int) -> dict[str, float]:
+    result = evaluate_pgd(
+      jit_eval_step,
+      state.variables(ema=True),
+      prepared.real_test,
+      config=config,
+      mesh=mesh,
+      rng=eval_rng,
+    )
+    writer.write_scalars(step, {f'eval/{k}': v for k, v in result.items()})
+    logging.info(
+      'step %d: EMA clean accuracy %.4f, PGD-%d accuracy %.4f (%d test examples)',
+      step,
+      result['clean_accuracy'],
+      config.eval.pgd_steps,
+      result['pgd_accuracy'],
+      result['num_examples'],
+    )
+    return result
+
+  def save(step: int) -> None:
+    ckpt.save(step, {'state': state, 'data_iter': train_iter.get_state()})
+
+  progress = Progress(f'train {workdir.name}', total, unit='steps', initial=start, every_s=30)
+  history: list[dict[str, jax.Array]] = []
+
+  def flush_metrics(step: int) -> None:
+    if not history:
+      return
+    means = _mean_metrics(history)
+    history.clear()
+    if means.pop('nonfinite'):
+      raise NonFiniteLossError(
+        f'non-finite loss or gradient before step {step} of {workdir}; the train state was '
+        f'not updated by those steps and the last good checkpoint '
+        f'({ckpt.latest_step()}) is intact. Lower train.learning_rate or check the data, '
+        'then rerun to resume from that checkpoint.'
+      )
+    writer.write_scalars(step, {f'train/{k}': v for k, v in means.items()})
+    progress.update(0, extra=f'loss {means["loss"]:.4f}', force=True)
+
+  result: dict[str, float] = {}
+  try:
+    for step in range(start + 1, total + 1):
+      batch = parallel.shard_batch(next(train_iter), mesh)
+      state, metrics = jit_train_step(state, batch, train_rng)
+      history.append(metrics)
+      progress.update(1)
+      if step % train_cfg.log_every_steps == 0 or step == total:
+        flush_metrics(step)
+      if step % train_cfg.checkpoint_every_steps == 0 or step == total:
+        flush_metrics(step)  # Never checkpoint a state after a non-finite step.
+        save(step)
+      if step % train_cfg.eval_every_steps == 0 or step == total:
+        result = evaluate(step)
+      if on_step is not None:
+        on_step(step, state)
+    if start >= total:
+      result = _last_eval(writer.path)
+      logging.info('%s already finished at step %d', workdir, start)
+  finally:
+    ckpt.wait_until_finished()
+    ckpt.close()
+    writer.close()
+    train_iter.close()
+  progress.close()
+  return state, result
+
+
+def restore_ema_variables(config: Any, workdir: str | Path, image_shape: tuple[int, ...]):
+  """The EMA weights of the latest checkpoint of a training workdir (for margins/evaluation)."""
+  workdir = Path(workdir)
+  mesh = parallel.make_mesh()
+  model = create_model(config.model)
+  tx, _ = make_optimizer(config)
+  abstract = jax.eval_shape(
+    functools.partial(steps.create_train_state, model=model, tx=tx, image_shape=image_shape),
+    jax.random.key(0),
+  )
+  abstract = checkpointing.abstract_target(abstract, parallel.replicated(mesh))
+  with checkpointing.Checkpointer(workdir / 'checkpoints') as ckpt:
+    if ckpt.latest_step() is None:
+      raise FileNotFoundError(f'no checkpoint in {workdir / "checkpoints"}')
+    state = ckpt.restore({'state': abstract, 'data_iter': None})['state']
+  return model, state.variables(ema=True)
