@@ -1,0 +1,348 @@
+"""The PUMA pipeline: prepare -> margin_model -> margins -> prune -> train -> evaluate -> report.
+
+Each stage writes its outputs under the workdir and, when they are complete,
+a marker (`stages.py`) recording the config fields it depends on. A rerun
+skips complete stages, resumes an interrupted one (training from its last
+checkpoint, margins shard by shard, evaluation batch by batch), and refuses a
+stage whose saved settings disagree with the config, saying how to proceed.
+"""
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from puma_jax import datasets, margins, models, parallel, pruning, report, stages, train
+from puma_jax.datasets import sidecar
+
+STAGES = ('prepare', 'margin_model', 'margins', 'prune', 'train', 'evaluate', 'report')
+MARGIN_MODEL_SOURCES = ('train', 'checkpoint', 'torch_npz')
+
+# The config fields each stage's output depends on (performance knobs such as
+# batch sizes of the margin stage, reader threads or logging intervals are left
+# out: changing them does not change the results).
+_DATA_FIELDS = ('data.data_dir', 'data.real', 'data.generated')
+_TRAIN_FIELDS = (
+  'seed',
+  'model',
+  'attack',
+  'data.generated_fraction',
+  'data.augment',
+  'data.crop_padding',
+  'train.loss',
+  'train.trades_beta',
+  'train.label_smoothing',
+  'train.batch_size',
+  'train.num_steps',
+  'train.learning_rate',
+  'train.momentum',
+  'train.nesterov',
+  'train.weight_decay',
+  'train.warmup_steps',
+  'train.ema_decay',
+)
+STAGE_DEFS = {
+  'prepare': stages.Stage('prepare', _DATA_FIELDS),
+  'margin_model': stages.Stage(
+    'margin_model', ('margin_model',) + tuple(f for f in _TRAIN_FIELDS if f != 'train.num_steps')
+  ),
+  'margins': stages.Stage(
+    'margins',
+    ('margins.norm', 'margins.num_candidates', 'margins.overshoot', 'margins.max_iter', 'margins.clip'),
+  ),
+  'prune': stages.Stage('prune', ('prune', 'attack.eps', 'seed')),
+  'train': stages.Stage('train', _TRAIN_FIELDS),
+  'evaluate': stages.Stage(
+    'evaluate', ('attack.norm', 'attack.eps', 'eval.num_examples', 'eval.pgd_steps', 'eval.autoattack')
+  ),
+  'report': stages.Stage('report', ()),
+}
+# Which stages each stage reads from (their fingerprints chain into its own).
+UPSTREAM = {
+  'prepare': (),
+  'margin_model': ('prepare',),
+  'margins': ('prepare', 'margin_model'),
+  'prune': ('margins',),
+  'train': ('prepare', 'prune'),
+  'evaluate': ('train',),
+  'report': ('margins', 'prune', 'train', 'evaluate'),
+}
+
+
+class Context:
+  """What the stages share in one run: config, workdir, mesh, prepared data, fingerprints."""
+
+  def __init__(self, config: Any, workdir: Path, *, dry_run: bool = False):
+    self.config = config
+    self.workdir = workdir
+    self.dry_run = dry_run
+    self.mesh = parallel.make_mesh()
+    self.fingerprints: dict[str, str] = {}
+    self._prepared: datasets.Prepared | None = None
+
+  @property
+  def data_dir(self) -> Path:
+    return Path(self.config.data.data_dir or self.workdir / 'data')
+
+  def prepared(self, *, build: bool = False) -> datasets.Prepared:
+    """The datasets; process 0 builds when asked, the others open what it built."""
+    if self._prepared is None:
+      if build and jax.process_count() > 1:
+        if jax.process_index() == 0:
+          self._prepared = datasets.prepare(self.config.data, self.data_dir, build=True)
+        multihost_utils.sync_global_devices('puma_jax.prepare')
+      if self._prepared is None:
+        self._prepared = datasets.prepare(self.config.data, self.data_dir, build=build)
+    return self._prepared
+
+  def upstream(self, name: str) -> dict[str, str]:
+    return {u: self.fingerprints[u] for u in UPSTREAM[name] if u in self.fingerprints}
+
+  def stage_dir(self, name: str) -> Path:
+    return STAGE_DEFS[name].directory(self.workdir)
+
+
+def margins_needed(config: Any) -> bool:
+  return pruning.settings_from_config(config).needs_margins
+
+
+def _check_config(config: Any) -> None:
+  if config.margin_model.source not in MARGIN_MODEL_SOURCES:
+    raise ValueError(
+      f'margin_model.source={config.margin_model.source!r} is not one of {MARGIN_MODEL_SOURCES}'
+    )
+  if config.margin_model.source != 'train' and not config.margin_model.path:
+    raise ValueError(
+      f'margin_model.source={config.margin_model.source!r} needs margin_model.path '
+      '(a training workdir with checkpoints/, or a PyTorch state_dict .npz)'
+    )
+  if margins_needed(config) and config.margins.norm != config.attack.norm:
+    raise ValueError(
+      f'margins.norm={config.margins.norm!r} differs from attack.norm={config.attack.norm!r}: '
+      'per-example radii from margins only make sense in the norm of the attack; set both alike.'
+    )
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def run_prepare(ctx: Context) -> dict[str, Any]:
+  prepared = ctx.prepared(build=True)
+  logging.info('datasets:\n%s', prepared.summary())
+  return {
+    name: {'dataset': split.name, 'examples': split.num_examples, 'shards': split.num_shards}
+    for name, split in {**prepared.train_splits, 'test': prepared.real_test}.items()
+  }
+
+
+def margin_model(ctx: Context) -> tuple[Any, Any]:
+  """The margin model's module and weights, as the config names them."""
+  cfg = ctx.config
+  source, path = cfg.margin_model.source, cfg.margin_model.path
+  if source == 'train':
+    image_shape = ctx.prepared().real_train.image_shape
+    return train.restore_ema_variables(cfg, ctx.stage_dir('margin_model'), image_shape)
+  if source == 'checkpoint':
+    image_shape = ctx.prepared().real_train.image_shape
+    return train.restore_ema_variables(cfg, Path(path), image_shape)
+  model = train.create_model(cfg.model)
+  kwargs = {k: v for k, v in cfg.model.items() if k not in ('name', 'dtype')}
+  return model, models.import_torch_npz(cfg.model.name, path, **kwargs)
+
+
+def run_margin_model(ctx: Context) -> dict[str, Any]:
+  cfg = ctx.config
+  if cfg.margin_model.source == 'train':
+    _, result = train.train_and_evaluate(
+      cfg,
+      ctx.stage_dir('margin_model'),
+      prepared=ctx.prepared(),
+      num_steps=cfg.margin_model.num_steps,
+      mesh=ctx.mesh,
+    )
+  else:
+    result = {}
+  _, variables = margin_model(ctx)
+  return {'model_fingerprint': margins.model_fingerprint(variables), 'eval': result}
+
+
+def run_margins(ctx: Context) -> dict[str, Any]:
+  cfg = ctx.config
+  model, variables = margin_model(ctx)
+  prepared = ctx.prepared()
+  if ctx.dry_run:
+    estimate = margins.estimate_from_config(cfg.margins, model, variables, prepared.train_splits)
+    margins.write_estimate(estimate, ctx.stage_dir('margins') / 'estimate.json')
+    print(estimate.table())  # noqa: T201 (the dry run's answer)
+    return {}
+  result = margins.compute_margins(
+    model,
+    variables,
+    prepared.train_splits,
+    settings=margins.settings_from_config(cfg.margins),
+    batch_size=cfg.margins.batch_size,
+    sidecar_root=prepared.sidecar_root,
+    recompute=cfg.margins.recompute,
+    summary_dir=ctx.stage_dir('margins'),
+    read_threads=cfg.data.read_threads,
+    prefetch_batches=cfg.data.prefetch_batches,
+  )
+  return {'summary': str(ctx.stage_dir('margins') / 'summary.json'), 'counts': result.counts()}
+
+
+def _load_margins(ctx: Context) -> dict[str, np.ndarray]:
+  model, variables = margin_model(ctx)
+  prepared = ctx.prepared()
+  return margins.load_margins(
+    model,
+    variables,
+    prepared.train_splits,
+    settings=margins.settings_from_config(ctx.config.margins),
+    sidecar_root=prepared.sidecar_root,
+  )
+
+
+def run_prune(ctx: Context) -> dict[str, Any]:
+  cfg = ctx.config
+  settings = pruning.settings_from_config(cfg)
+  prepared = ctx.prepared()
+  labels = {name: split.labels() for name, split in prepared.train_splits.items()}
+  margin_arrays = _load_margins(ctx) if settings.needs_margins else None
+  result = pruning.select(
+    settings,
+    labels=labels,
+    margins=margin_arrays,
+    num_classes=prepared.real_train.num_classes,
+    provenance={'margin_stage': ctx.fingerprints.get('margins')},
+  )
+  if jax.process_index() == 0:
+    result.save(ctx.stage_dir('prune'))
+  _barrier('puma_jax.prune')
+  return {name: int(len(idx)) for name, idx in result.kept.items()}
+
+
+def load_prune_result(ctx: Context) -> pruning.PruneResult:
+  return pruning.PruneResult.load(ctx.stage_dir('prune'))
+
+
+def run_train(ctx: Context) -> dict[str, Any]:
+  result = load_prune_result(ctx)
+  _, metrics = train.train_and_evaluate(
+    ctx.config,
+    ctx.stage_dir('train'),
+    prepared=ctx.prepared(),
+    kept=result.kept,
+    kept_eps=result.eps,
+    mesh=ctx.mesh,
+  )
+  return {'eval': metrics}
+
+
+def run_evaluate(ctx: Context) -> dict[str, Any]:
+  from puma_jax import evaluate  # noqa: PLC0415 (AutoAttack compiles lazily)
+
+  cfg = ctx.config
+  image_shape = ctx.prepared().real_train.image_shape
+  model, variables = train.restore_ema_variables(cfg, ctx.stage_dir('train'), image_shape)
+  rep = evaluate.evaluate_workdir(
+    cfg,
+    model,
+    variables,
+    ctx.prepared().real_test,
+    ctx.stage_dir('evaluate'),
+    mesh=ctx.mesh,
+    model_name=cfg.model.name,
+    num_generated=_num_generated_used(ctx),
+  )
+  return {'report': str(ctx.stage_dir('evaluate') / 'report.json'), 'summary': rep}
+
+
+def _num_generated_used(ctx: Context) -> int:
+  prune_dir = ctx.stage_dir('prune')
+  if not (prune_dir / 'kept.npz').exists():
+    return 0
+  return int(len(load_prune_result(ctx).kept.get('generated', ())))
+
+
+def run_report(ctx: Context) -> dict[str, Any]:
+  if jax.process_index() == 0:
+    paths = report.write_report(ctx.config, ctx.workdir)
+  else:
+    paths = {}
+  _barrier('puma_jax.report')
+  return {k: str(v) for k, v in paths.items()}
+
+
+RUNNERS: dict[str, Callable[[Context], dict[str, Any]]] = {
+  'prepare': run_prepare,
+  'margin_model': run_margin_model,
+  'margins': run_margins,
+  'prune': run_prune,
+  'train': run_train,
+  'evaluate': run_evaluate,
+  'report': run_report,
+}
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def _skipped(config: Any, name: str) -> bool:
+  """Stages with nothing to do for this config (no margins for strategies without them)."""
+  return name in ('margin_model', 'margins') and not margins_needed(config)
+
+
+def _write_config(config: Any, workdir: Path) -> None:
+  if jax.process_index() == 0:
+    stages.atomic_write_json(workdir / 'config.json', json.loads(config.to_json_best_effort()))
+
+
+def run(config: Any, workdir: str | Path, *, stage: str = 'all', dry_run: bool = False) -> None:
+  """Runs the pipeline (or one stage) in `workdir`; reruns resume and skip finished stages."""
+  workdir = Path(workdir).expanduser()
+  workdir.mkdir(parents=True, exist_ok=True)
+  _check_config(config)
+  if dry_run and stage not in ('all', 'margins'):
+    raise ValueError('--dry_run applies to the margins stage; use --stage=margins or no --stage')
+  ctx = Context(config, workdir, dry_run=dry_run)
+  wanted = STAGES if stage == 'all' else (stage,)
+  # Check every finished stage's settings before doing any work.
+  for name in STAGES:
+    if _skipped(config, name):
+      continue
+    defn = STAGE_DEFS[name]
+    if defn.is_complete(workdir, config, ctx.upstream(name)):
+      ctx.fingerprints[name] = defn.expected(config, ctx.upstream(name))['fingerprint']
+    elif name not in wanted:
+      if stage != 'all' and UPSTREAM.get(stage) and name in UPSTREAM[stage]:
+        raise RuntimeError(
+          f'stage {stage!r} needs stage {name!r}, which is not complete in {workdir}; '
+          f'run it first (--stage={name}) or run the whole pipeline (no --stage).'
+        )
+  _write_config(config, workdir)
+  for name in wanted:
+    if _skipped(config, name):
+      logging.info('stage %s: not needed for prune.strategy=%s', name, config.prune.strategy)
+      continue
+    defn = STAGE_DEFS[name]
+    upstream = ctx.upstream(name)
+    if name in ctx.fingerprints and not (dry_run and name == 'margins'):
+      logging.info('stage %s: complete, skipped', name)
+      continue
+    logging.info('stage %s: running', name)
+    outputs = RUNNERS[name](ctx)
+    if dry_run:
+      return
+    _barrier(f'puma_jax.stage.{name}')
+    if jax.process_index() == 0:
+      ctx.fingerprints[name] = defn.mark_complete(workdir, config, upstream, outputs)
+    else:
+      ctx.fingerprints[name] = defn.expected(config, upstream)['fingerprint']
+    logging.info('stage %s: done', name)
