@@ -126,6 +126,40 @@ def test_solver_reaches_the_minimum_of_the_convex_problem():
   np.testing.assert_allclose(sol['w'], ref.x, rtol=1e-3, atol=1e-3)
 
 
+def test_linf_solver_is_close_to_an_exact_reference():
+  # ||w||_1 is not smooth, so L-BFGS only gets close. The reference splits
+  # w = u - v with u, v >= 0 (exact for eps >= 0) and runs SciPy's L-BFGS-B.
+  rng = np.random.default_rng(4)
+  dim, num, eps = DIM, 50, 0.1
+  x = rng.normal(size=(num, dim))
+  y = np.sign(x @ rng.normal(size=dim))
+  e = np.full(num, eps)
+  out = perc.train_many([(x, y, e)], norm='linf', num_steps=STEPS, l2_reg=REG)
+  w = out['w'][0].astype(np.float64)
+
+  def objective(w):
+    return np.mean(np.logaddexp(0.0, -(y * (x @ w) - e * np.abs(w).sum()))) + 0.5 * REG * w @ w
+
+  def split(z):
+    u, v = z[:dim], z[dim:]
+    margin = y * (x @ (u - v)) - e * (u + v).sum()
+    s = -1.0 / (1.0 + np.exp(margin))  # d softplus(-m) / dm
+    g_w, g_e = (s * y) @ x / num, -(s * e).sum() / num
+    val = np.mean(np.logaddexp(0.0, -margin)) + 0.5 * REG * (u - v) @ (u - v)
+    return val, np.concatenate([g_w + g_e + REG * (u - v), -g_w + g_e - REG * (u - v)])
+
+  ref = optimize.minimize(
+    split,
+    np.ones(2 * dim),
+    jac=True,
+    method='L-BFGS-B',
+    bounds=[(0, None)] * (2 * dim),
+    options={'maxiter': 10_000, 'ftol': 1e-14, 'gtol': 1e-10},
+  )
+  assert not out['collapsed'][0]
+  assert ref.fun - 1e-6 <= objective(w) <= ref.fun + 2e-3
+
+
 @pytest.mark.parametrize('ratio, collapsed', [(1.1, True), (0.9, False)])
 def test_collapse_exactly_when_zero_is_the_minimum(ratio, collapsed):
   # With eps_i >= 0 the minimiser is w = 0 iff ||mean_i y_i x_i||_2 <= mean_i eps_i;
