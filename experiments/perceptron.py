@@ -466,9 +466,9 @@ def _fold(key: jax.Array, value: float) -> jax.Array:
 
 
 def _random_seed(seed: int, trial: int, alpha: float, fraction: float) -> int:
-  return (seed * 1_000_003 + trial * 10_007 + int(round(alpha * 1000)) * 101) % 2**31 + int(
-    round(fraction * 1000)
-  )
+  """Seed of the 'random' strategy for one point, a function of the point alone."""
+  entropy = [seed, trial, round(alpha * 1_000_000), round(fraction * 1_000_000)]
+  return int(np.random.SeedSequence(entropy).generate_state(1)[0] >> 1)
 
 
 def run(settings: Settings, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
