@@ -29,6 +29,7 @@ setuptools.setup(
     'ml_collections>=1.0,<2',
     'chex>=0.1.90,<0.2',
     'numpy>=2.0,<3',
+    'scipy>=1.11,<2',
     'absl-py>=2.1,<3',
     # TensorBoard event files without TensorFlow.
     'tensorboardX>=2.6,<3',
