@@ -1,4 +1,4 @@
-"""Converts a folder of class subfolders of images (the ImageNet-21K layout) to a TFDS dataset.
+r"""Converts a folder of class subfolders of images (the ImageNet-21K layout) to a TFDS dataset.
 
   python -m puma_jax.datasets.image_folder --src=/data/winter21_whole --data_dir=/data/tfds \
     --name=imagenet21k_64px --resolution=64 --num_classes=100 --class_selection=largest
@@ -25,8 +25,8 @@ class by class). Beside the shards: `<name>-<split>.labels.npy` (i32, global ord
   the first N examples are a fair sample (evaluation on `eval.num_examples`).
 - Streamed and parallel: each shard is one task (decode, resize, write) for a pool of
   worker processes, written to a temporary file and renamed; a worker holds one image
-  and the writer's buffer. Several hosts share the work with `process_index` / `process_count` (shard t
-  goes to process t mod count) on a shared filesystem.
+  and the writer's buffer. Several hosts share the work with `process_index` /
+  `process_count` (shard t goes to process t mod count) on a shared filesystem.
 - Resumable: a killed conversion keeps its completed shards (each checked against its
   record count and size) and redoes the others; the dataset appears, by one rename of
   `<data_dir>/<name>.incomplete/1.0.0`, only when every shard is written. Whichever
@@ -466,7 +466,10 @@ def list_source(src: str | os.PathLike, settings: Settings, *, threads: int = 16
   listed: dict[str, tuple[list, list]] = {}
   dropped: list[str] = []
   min_images = max(1, s.min_images_per_class)
-  tracker = progress.Progress('listing classes', total=None, unit='classes', every_s=30.0)
+  # The total is known unless K classes are picked in order until K have enough images.
+  some = s.num_classes and s.class_selection != 'largest'
+  total = len(read_classes_file(s.classes_file)) if s.classes_file else None if some else len(dirs)
+  tracker = progress.Progress('listing classes', total=total, unit='classes', every_s=30.0)
 
   def eligible(name, images):
     if len(images) >= min_images:
