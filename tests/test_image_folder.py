@@ -139,6 +139,7 @@ def test_conversion_opens_through_prepare_and_tfds_with_the_right_pixels(tree, r
     files = (reference / f'{NAME}-{split}.files.txt').read_text().splitlines()
     records = _records(reference, split)
     assert len(files) == len(records) == s.num_examples == len(sources[split])
+    assert s.labels_path.exists()  # Written by the converter, not decoded on first use.
     np.testing.assert_array_equal(s.labels(), [r['label'] for r in records])
     for rel, rec, tf_rec in zip(
       files, records, [sources[split][i] for i in range(len(files))], strict=True
@@ -442,6 +443,12 @@ def test_bad_sources_give_clear_errors(tmp_path):
   listed.write_text('a\nzz\n')
   with pytest.raises(DataError, match=r"1 of its 2 classes have no folder .*\['zz'\]"):
     image_folder.list_source(src, image_folder.Settings(classes_file=str(listed)))
+  (src / 'a' / 'a_0.JPEG').write_bytes(b'')
+  listed.write_text('a\n')
+  with pytest.raises(DataError, match=r'a: 1 images .* fewer than 2; remove it from the list'):
+    image_folder.list_source(
+      src, image_folder.Settings(classes_file=str(listed), min_images_per_class=2)
+    )
   listed.write_text('a\na\n')
   with pytest.raises(DataError, match='listed more than once'):
     image_folder.list_source(src, image_folder.Settings(classes_file=str(listed)))
