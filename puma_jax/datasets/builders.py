@@ -61,6 +61,33 @@ def shard_bounds(num_examples: int, num_shards: int) -> list[tuple[int, int]]:
   return list(zip(cuts[:-1], cuts[1:], strict=True))
 
 
+def features(
+  image_shape: tuple[int, int, int], num_classes: int, class_names: tuple[str, ...] | None = None
+) -> tfds.features.FeaturesDict:
+  """The features of every dataset of this package (also written by the image-folder converter).
+
+  Args:
+    image_shape: (H, W, C) of the uint8 images.
+    num_classes: labels are in [0, num_classes).
+    class_names: optional names, one per class (then `num_classes` is their number).
+  """
+  if class_names:
+    label = tfds.features.ClassLabel(names=list(class_names))
+  else:
+    label = tfds.features.ClassLabel(num_classes=num_classes)
+  return tfds.features.FeaturesDict(
+    {
+      # Raw bytes: one bytes field per image. (Without an encoding TFDS stores a uint8
+      # tensor as a list of int64 varints: ~8x slower to write and read.)
+      'image': tfds.features.Tensor(
+        shape=tuple(image_shape), dtype=np.uint8, encoding=tfds.features.Encoding.BYTES
+      ),
+      'label': label,
+      'source_index': tfds.features.Scalar(dtype=np.int64),
+    }
+  )
+
+
 class _ImageArrays(tfds.core.ShardBasedBuilder, skip_registration=True):
   """Writes in-order image arrays to array_record shards (see the module docstring)."""
 
@@ -86,24 +113,10 @@ class _ImageArrays(tfds.core.ShardBasedBuilder, skip_registration=True):
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    if self._class_names:
-      label = tfds.features.ClassLabel(names=list(self._class_names))
-    else:
-      label = tfds.features.ClassLabel(num_classes=self._num_classes)
     return tfds.core.DatasetInfo(
       builder=self,
       description=self.__doc__,
-      features=tfds.features.FeaturesDict(
-        {
-          # Raw bytes: one bytes field per image. (Without an encoding TFDS stores a uint8
-          # tensor as a list of int64 varints: ~8x slower to write and read.)
-          'image': tfds.features.Tensor(
-            shape=self._image_shape, dtype=np.uint8, encoding=tfds.features.Encoding.BYTES
-          ),
-          'label': label,
-          'source_index': tfds.features.Scalar(dtype=np.int64),
-        }
-      ),
+      features=features(self._image_shape, self._num_classes, self._class_names),
       disable_shuffling=True,
       metadata=tfds.core.MetadataDict(puma=self._build_spec),
     )
