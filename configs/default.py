@@ -10,112 +10,13 @@ Variants (`--config=configs/default.py:tiny`):
 
 import ml_collections
 
+from puma_jax import config_base
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-
-  # Datasets. Everything is read through TFDS array_record shards under data_dir.
-  c.data = ml_collections.ConfigDict()
-  c.data.data_dir = ''  # '' means <workdir>/data.
-  c.data.sidecar_dir = ''  # Where margin sidecars go; '' means beside the shards.
-  c.data.real = ml_collections.ConfigDict()
-  c.data.real.kind = 'mnist_embedded'  # mnist_embedded | cifar10 | cifar100 | image_folder
-  c.data.real.archive_dir = ''  # cifar10/cifar100: folder holding the user's archive.
-  c.data.real.name = ''  # image_folder: TFDS name written by the converter.
-  c.data.real.num_shards = 4
-  c.data.generated = ml_collections.ConfigDict()
-  c.data.generated.kind = 'embedded'  # none | embedded | npz
-  c.data.generated.path = ''  # npz: the user's file with keys `image` and `label`.
-  c.data.generated.name = 'mnist_generated'  # TFDS config name of the built dataset.
-  c.data.generated.num_examples = 40_000  # embedded generator only.
-  c.data.generated.seed = 0  # embedded generator only.
-  c.data.generated.num_shards = 4
-  c.data.generated_fraction = 0.7  # Share of every training batch drawn from generated data.
-  c.data.augment = False  # Random crop + horizontal flip (on for CIFAR).
-  c.data.crop_padding = 4  # Zero padding (pixels) before the random crop.
-  c.data.read_threads = 4  # Threads decoding records for the input pipeline.
-  c.data.prefetch_batches = 4  # Batches prepared ahead of the training loop.
-
-  # Model (a name in puma_jax.models plus its keyword arguments).
-  c.model = ml_collections.ConfigDict()
-  c.model.name = 'small_cnn'
-  c.model.num_classes = 10
-  c.model.dtype = 'float32'  # Compute dtype: float32 | bfloat16. Parameters stay float32.
-
-  # The threat model: training attack and PGD evaluation.
-  c.attack = ml_collections.ConfigDict()
-  c.attack.norm = 'linf'  # linf | l2
-  c.attack.eps = 0.3
-  c.attack.num_steps = 10
-  c.attack.step_size = 0.25  # Relative to each example's radius |eps_i|.
-
-  # Margin model: trained here on the unpruned data, or loaded.
-  c.margin_model = ml_collections.ConfigDict()
-  c.margin_model.source = 'train'  # train | checkpoint | torch_npz
-  c.margin_model.path = ''  # checkpoint: a workdir's train/ folder; torch_npz: a state_dict .npz.
-  c.margin_model.num_steps = 300  # source=train: length of its short run.
-
-  # DeepFool margins of every training example.
-  c.margins = ml_collections.ConfigDict()
-  c.margins.norm = 'linf'
-  c.margins.num_candidates = 10
-  c.margins.overshoot = 0.02
-  c.margins.max_iter = 50
-  c.margins.batch_size = 256
-  c.margins.recompute = False  # Recompute when the saved manifest disagrees.
-
-  # Pruning and per-example eps (puma_jax/pruning.py; eps is c.attack.eps, `random` uses c.seed).
-  c.prune = ml_collections.ConfigDict()
-  # none | random | prune_high (drop the highest margins) | prune_low (drop the lowest) |
-  # puma (drop the highest, then per-example eps by eps_rule; the others use a constant eps).
-  c.prune.strategy = 'puma'
-  c.prune.fraction = 0.3  # Share of the pool dropped, in [0, 1), rounded half up.
-  c.prune.scope = 'generated'  # generated (real data all kept) | joint (real + generated ranked)
-  c.prune.class_balanced = False  # Drop the same fraction within every class.
-  # constant: eps | puma: clip(m, -eps, eps) | clip0: clip(m, 0, eps). Used by strategy puma.
-  c.prune.eps_rule = 'puma'
-
-  # Adversarial training.
-  c.train = ml_collections.ConfigDict()
-  c.train.loss = 'trades'  # trades | pgd_at
-  c.train.trades_beta = 5.0
-  c.train.label_smoothing = 0.1
-  c.train.batch_size = 128
-  c.train.num_steps = 1500
-  c.train.learning_rate = 0.1
-  c.train.momentum = 0.9
-  c.train.nesterov = True
-  c.train.weight_decay = 5e-4
-  c.train.warmup_steps = 100
-  c.train.ema_decay = 0.995
-  c.train.log_every_steps = 50
-  c.train.eval_every_steps = 500
-  c.train.checkpoint_every_steps = 250
-
-  # Evaluation on the test split.
-  c.eval = ml_collections.ConfigDict()
-  c.eval.batch_size = 250
-  c.eval.num_examples = 0  # 0 means the whole test split.
-  c.eval.pgd_steps = 20
-  c.eval.autoattack = 'standard'  # standard | none
-  c.eval.autoattack_batch_size = 250
-
+  c = config_base.get_base_config()
   if arg == 'tiny':
-    c.data.generated.num_examples = 2_000
-    c.data.generated.num_shards = 2
-    c.data.real.num_shards = 2
-    c.margin_model.num_steps = 20
-    c.margins.max_iter = 10
-    c.train.batch_size = 32
-    c.train.num_steps = 20
-    c.train.warmup_steps = 2
-    c.train.log_every_steps = 5
-    c.train.eval_every_steps = 10
-    c.train.checkpoint_every_steps = 10
-    c.eval.num_examples = 64
-    c.eval.batch_size = 32
-    c.eval.autoattack_batch_size = 32
+    config_base.shrink_for_tests(c)
   elif arg:
     raise ValueError(f'unknown variant {arg!r} of configs/default.py; known: tiny')
   return c
