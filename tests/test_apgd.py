@@ -91,10 +91,13 @@ def _apgd_transcription(logits_fn, x, y, eps, start, *, norm, num_steps, rho=0.7
   x = np.asarray(x)
   flat = lambda v: v.reshape(batch, -1)  # noqa: E731
 
-  def value_grad(z):
-    z = jnp.asarray(z, jnp.float32)
+  @jax.jit
+  def value_grad_jit(z):
     value = losses.cross_entropy(logits_fn(z), y)
-    grad = jax.grad(lambda z: jnp.sum(losses.cross_entropy(logits_fn(z), y)))(z)
+    return value, jax.grad(lambda z: jnp.sum(losses.cross_entropy(logits_fn(z), y)))(z)
+
+  def value_grad(z):
+    value, grad = value_grad_jit(jnp.asarray(z, jnp.float32))
     return np.array(value), np.array(grad)
 
   def project(z):

@@ -110,19 +110,25 @@ def _fab_transcription(logits_fn, x, y, target, *, norm, num_steps, alpha_max, e
   rows = np.arange(batch)
   ord_ = np.inf if norm == 'linf' else 2
 
-  def logits(z):
-    return np.asarray(logits_fn(jnp.asarray(z.reshape(x.shape), jnp.float32)))
+  logits_jit = jax.jit(lambda z: logits_fn(z.reshape(x.shape)))
+  project_jit = jax.jit(functools.partial(fab_lib.project_onto_boundary, norm=norm))
 
-  def diff_and_grad(z):
+  def logits(z):
+    return np.asarray(logits_jit(jnp.asarray(z, jnp.float32)))
+
+  @jax.jit
+  def diff_and_grad_jit(z):
     def f(z):
       out = logits_fn(z.reshape(x.shape))
       return out[rows, target] - out[rows, y]
 
-    z = jnp.asarray(z, jnp.float32)
-    return np.asarray(f(z)), np.asarray(jax.grad(lambda z: jnp.sum(f(z)))(z))
+    return f(z), jax.grad(lambda z: jnp.sum(f(z)))(z)
+
+  def diff_and_grad(z):
+    return tuple(map(np.asarray, diff_and_grad_jit(jnp.asarray(z, jnp.float32))))
 
   def step_to_plane(t, w, b):
-    return np.asarray(fab_lib.project_onto_boundary(*map(jnp.asarray, (t, w, b)), norm))
+    return np.asarray(project_jit(*(jnp.asarray(a, jnp.float32) for a in (t, w, b))))
 
   x1, best = x0.copy(), np.full(batch, np.inf)
   for _ in range(num_steps):

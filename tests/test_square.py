@@ -121,7 +121,7 @@ def test_breaks_an_easy_model_within_the_threat_model(mlp, norm, eps):
   chex.assert_trees_all_equal(out.x_adv[~active], x[~active])
 
 
-@pytest.mark.parametrize('norm,eps', [('linf', 0.15), ('l2', 1.2)])
+@pytest.mark.parametrize('norm,eps', [('l2', 1.2)])  # L2 draws every kind of random number
 def test_each_example_is_independent_of_its_batch(mlp, norm, eps):
   logits_fn, x, y = mlp
   keys = jax.random.split(jax.random.key(2), 32)
