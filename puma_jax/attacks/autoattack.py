@@ -237,7 +237,8 @@ def run_standard(
     apgd_steps, fab_steps, num_targets, square_queries: AutoAttack's budgets.
     map_fn: wraps the per-example core `attack_batch(keys, x, y, mask)`, e.g.
       `functools.partial(parallel.per_device, mesh=mesh, num_batched_args=4)` so that
-      every device attacks its own slice and stops on its own.
+      every device attacks its own slice and stops on its own (the batch must then
+      divide evenly over the devices; pad it and pass `mask`).
 
   Returns:
     An `AutoAttackResult`.
