@@ -27,18 +27,27 @@ class ConfigMismatchError(RuntimeError):
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
   """Writes `text` to `path` through a temp file in the same folder and a rename."""
+  atomic_write_bytes(path, text.encode('utf-8'))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+  """Writes `data` to `path` through a temp file in the same folder and a rename."""
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
   try:
-    with os.fdopen(fd, 'w', encoding='utf-8') as f:
-      f.write(text)
+    with os.fdopen(fd, 'wb') as f:
+      f.write(data)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
   except BaseException:
     Path(tmp).unlink(missing_ok=True)
     raise
+
+
+def read_json(path: str | os.PathLike) -> Any:
+  return json.loads(Path(path).read_text(encoding='utf-8'))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -30,7 +30,7 @@ import dataclasses
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
@@ -489,12 +489,16 @@ def eval_batches(
   process_count: int | None = None,
   read_threads: int = 4,
   prefetch_batches: int = 4,
+  batch_indices: Sequence[int] | None = None,
 ) -> grain.IterDataset:
   """Evaluation batches: the first `num_examples` (0: all) in order, last batch padded.
 
   Global batch b holds examples [b B, (b+1) B); this process gets rows
   [p B/P, (p+1) B/P) of it, padded to B/P rows with `mask` False, so that every
   process yields the same number of equally shaped batches.
+
+  `batch_indices` restricts the output to those global batches (in that order),
+  so a resumed evaluation reads only what it has not done yet.
 
   Returns:
     An iterable (grain IterDataset) of batches with `mask`; iterate it once per evaluation.
@@ -508,6 +512,8 @@ def eval_batches(
   # Global rows of this process, batch by batch; rows past n are padding.
   rows = np.arange(num_batches)[:, None] * batch_size + pi * local + np.arange(local)
   per_batch = [r[r < n] for r in rows]
+  if batch_indices is not None:  # Only these batches (a resumed evaluation), in this order.
+    per_batch = [per_batch[b] for b in batch_indices]
   return _padded_batches(split, per_batch, local, eps, read_threads, prefetch_batches)
 
 
