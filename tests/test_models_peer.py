@@ -219,13 +219,20 @@ def test_converters_name_the_offending_tensor():
 
 
 @pytest.mark.parametrize(
-  'stride,padding,size',
-  [((1, 1), ((1, 1), (1, 1)), 8), ((2, 2), ((1, 1), (1, 1)), 8), ((2, 2), ((0, 0), (0, 0)), 7)],
+  'k,stride,padding,size',
+  [
+    (3, (1, 1), ((1, 1), (1, 1)), 8),
+    (3, (2, 2), ((1, 1), (1, 1)), 8),  # ResNet downsampling conv
+    (3, (2, 2), ((1, 1), (1, 1)), 7),
+    (1, (2, 2), ((0, 0), (0, 0)), 8),  # ResNet shortcut
+    (1, (2, 2), ((0, 0), (0, 0)), 7),
+    (3, (2, 1), ((0, 2), (1, 0)), 9),
+    (5, (3, 3), ((2, 1), (0, 2)), 10),
+  ],
 )
-def test_conv2d_gradients_equal_jax_rules(stride, padding, size):
+def test_conv2d_gradients_equal_jax_rules(k, stride, padding, size):
   rs = np.random.RandomState(8)
   x = jnp.asarray(rs.randn(2, size, size, 3), jnp.float32)
-  k = 1 if padding == ((0, 0), (0, 0)) else 3
   kernel = jnp.asarray(rs.randn(k, k, 3, 5), jnp.float32)
   ref = lambda x, w: jax.lax.conv_general_dilated(
     x, w, stride, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC')

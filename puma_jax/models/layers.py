@@ -68,19 +68,74 @@ def _conv2d_fwd(x, kernel, strides, padding):
 
 def _conv2d_bwd(strides, padding, res, g):
   x, kernel = res
-  kh, kw = kernel.shape[:2]
-  # The input gradient is a conv of g with the flipped kernel, in/out channels swapped,
-  # over g dilated by the strides (JAX's transpose rule, written out).
-  pads = []
-  for n, k, s, o, (lo, _) in zip(
-    x.shape[1:3], (kh, kw), strides, g.shape[1:3], padding, strict=True
-  ):
-    before = k - 1 - lo
-    pads.append((before, n + k - 1 - (1 + s * (o - 1)) - before))
-  flipped = jax.lax.optimization_barrier(jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
-  dx = _conv(g, flipped, (1, 1), tuple(pads), lhs_dilation=strides)
+  if tuple(strides) == (1, 1):
+    dx = _input_grad_stride1(g, kernel, x.shape[1:3], padding)
+  else:
+    dx = _input_grad_strided(g, kernel, x.shape[1:3], strides, padding)
   (dkernel,) = jax.vjp(lambda k: _conv(x, k, strides, padding), kernel)[1](g)
   return dx.astype(x.dtype), dkernel
+
+
+def _flip_transpose(kernel: jax.Array) -> jax.Array:
+  """[kh,kw,Cin,Cout] -> [kh,kw,Cout,Cin] flipped in space, materialised (not foldable)."""
+  return jax.lax.optimization_barrier(jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
+
+
+def _input_grad_stride1(g, kernel, in_hw, padding):
+  """d(conv)/dx for stride 1: a conv of g with the flipped, transposed kernel."""
+  pads = []
+  for n, k, o, (lo, _) in zip(in_hw, kernel.shape[:2], g.shape[1:3], padding, strict=True):
+    before = k - 1 - lo
+    pads.append((before, n + k - 1 - o - before))
+  return _conv(g, _flip_transpose(kernel), (1, 1), tuple(pads))
+
+
+def _input_grad_strided(g, kernel, in_hw, strides, padding):
+  """d(conv)/dx for strides s > 1, as s_h * s_w stride-1 convs, one per output phase.
+
+  Input row i = s*q + a only receives the kernel taps k = s*m + c with
+  c = (a + pad) mod s, so phase a is a stride-1 conv of g with the sub-kernel
+  kernel[c::s]; interleaving the phases gives dx. Unlike the dilated conv of JAX's
+  rule, which multiplies by the zeros inserted between the rows of g (s*s times
+  the work) and runs outside YNNPACK on CPU, this does only the needed work.
+  """
+  b, cout = g.shape[0], kernel.shape[3]
+  cin = kernel.shape[2]
+  phases_h = _phases(in_hw[0], kernel.shape[0], strides[0], padding[0][0], g.shape[1])
+  phases_w = _phases(in_hw[1], kernel.shape[1], strides[1], padding[1][0], g.shape[2])
+  q_h, q_w = max(p[3] for p in phases_h), max(p[3] for p in phases_w)
+  rows = []
+  for c_h, lo_h, hi_h, n_h in phases_h:
+    cols = []
+    for c_w, lo_w, hi_w, n_w in phases_w:
+      sub = kernel[c_h :: strides[0], c_w :: strides[1]]
+      if sub.shape[0] == 0 or sub.shape[1] == 0:
+        part = jnp.zeros((b, n_h, n_w, cin), g.dtype)
+      else:
+        gp = jax.lax.pad(
+          g, jnp.zeros((), g.dtype), ((0, 0, 0), (lo_h, hi_h, 0), (lo_w, hi_w, 0), (0, 0, 0))
+        )
+        part = _conv(gp, _flip_transpose(sub), (1, 1), ((0, 0), (0, 0)))
+      cols.append(jnp.pad(part, ((0, 0), (0, q_h - n_h), (0, q_w - n_w), (0, 0))))
+    rows.append(jnp.stack(cols, axis=3))  # [B, q_h, q_w, s_w, Cin]
+  dx = jnp.stack(rows, axis=2)  # [B, q_h, s_h, q_w, s_w, Cin]
+  dx = dx.reshape(b, q_h * strides[0], q_w * strides[1], cin)
+  del cout
+  return dx[:, : in_hw[0], : in_hw[1]]
+
+
+def _phases(n, k, s, pad_lo, len_g):
+  """Per output phase a < s of one spatial axis: (first tap c, pad lo, pad hi, rows)."""
+  out = []
+  for a in range(s):
+    c = (a + pad_lo) % s
+    taps = len(range(c, k, s))
+    t = (a + pad_lo - c) // s
+    rows = -(-(n - a) // s)  # ceil((n - a) / s)
+    lo = taps - 1 - t
+    hi = rows - len_g - lo + taps - 1
+    out.append((c, lo, hi, rows))
+  return out
 
 
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
