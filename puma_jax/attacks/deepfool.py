@@ -49,17 +49,25 @@ Results:
   clipped away may not converge.
 * Candidates are the label y and the `num_candidates - 1` other classes with the
   largest logits at x (for a correctly classified example these are the top
-  `num_candidates` classes, as in foolbox and the LTS4 code), so a 21k-class model
-  costs the same per iteration as a 10-class one. The convergence test uses all K
-  classes.
+  `num_candidates` classes, as in foolbox and the LTS4 code), so the backward
+  work per step does not grow with the number of classes K (except in the last
+  layer): a 21k-class model needs num_candidates - 1 backward passes, not 21k.
+  The convergence test uses all K classes.
 * An example that has not converged within `max_iter` steps has
   `converged=False`; its margin is the signed distance reached so far (a partial
-  estimate, smaller in magnitude than the true DeepFool margin). The same holds
+  estimate, usually smaller in magnitude than the converged one). The same holds
   for an example DeepFool cannot move: every candidate's gradient difference is
   zero (a flat region), or, when misclassified, no candidate class scores above
   y although the prediction is not y (a non-candidate class wins). It stops at
   once with `converged=False` rather than spending the remaining iterations.
   Callers decide how to treat those examples (e.g. rank them as most robust).
+
+Cost: every step runs one `jax.vjp` of the model (a forward pass) whose candidate
+gradients come from one vmapped backward pass over the num_candidates - 1
+cotangents e_k - e_y, and one forward pass at the new iterate that decides
+whether the example is done. With `batch_size` smaller than the number of
+examples, a finished example frees its slot for the next one, so the work per
+example follows its own number of steps, not the slowest example's.
 """
 
 from collections.abc import Callable
