@@ -317,7 +317,7 @@ def main():
   )
   ap.add_argument('--models', default='small_cnn,preact_resnet18')
   ap.add_argument('--n', type=int, default=256)
-  ap.add_argument('--batch-sizes', default='16', help='comma list of deepfool batch_size values')
+  ap.add_argument('--batch-sizes', default='4,8', help='comma list of deepfool batch_size values')
   ap.add_argument('--repeats', type=int, default=3)
   ap.add_argument(
     '--peer-impls', default='clean_tuned', help='comma list: clean_tuned,clean,foolbox'
