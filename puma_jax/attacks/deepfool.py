@@ -155,8 +155,9 @@ def deepfool(
     max_iter: maximum number of DeepFool steps per example (>= 1).
     clip: optional (lo, hi) bounds for every iterate, e.g. (0., 1.) for images.
     batch_size: number of slots, i.e. the batch the model sees (default: all N at
-      once). Smaller batches refill freed slots; on CPUs batches of 8-32 use the
-      caches best, on accelerators use the largest batch that fits.
+      once). Smaller batches refill freed slots. The candidates' backward pass runs
+      on (num_candidates - 1) x batch_size rows: on a 2-core CPU batches of 4-8 were
+      fastest; on accelerators use the largest batch that fits.
 
   Returns:
     `DeepFoolResult(margin f32[N], perturbation f32[N,...], iterations i32[N],
