@@ -245,7 +245,10 @@ def test_sharded_equals_single_device():
   xs, ys = jax.device_put(x, sharding), jax.device_put(y, sharding)
   global_loop = jax.jit(fn)(xs, ys)
   per_device = jax.jit(parallel.per_device(fn, mesh, num_batched_args=2))(xs, ys)
-  for res in (global_loop, per_device):
+  # Each device refills its own 3 slots from its 8 examples.
+  slots = functools.partial(fn, batch_size=3)
+  per_device_slots = jax.jit(parallel.per_device(slots, mesh, num_batched_args=2))(xs, ys)
+  for res in (global_loop, per_device, per_device_slots):
     np.testing.assert_array_equal(res.iterations, single.iterations)
     np.testing.assert_array_equal(res.converged, single.converged)
     np.testing.assert_allclose(res.margin, single.margin, rtol=1e-6)
