@@ -245,8 +245,35 @@ def test_sharded_equals_single_device():
   xs, ys = jax.device_put(x, sharding), jax.device_put(y, sharding)
   global_loop = jax.jit(fn)(xs, ys)
   per_device = jax.jit(parallel.per_device(fn, mesh, num_batched_args=2))(xs, ys)
-  for res in (global_loop, per_device):
+  # Each device refills its own 3 slots from its 8 examples.
+  slots = functools.partial(fn, batch_size=3)
+  per_device_slots = jax.jit(parallel.per_device(slots, mesh, num_batched_args=2))(xs, ys)
+  for res in (global_loop, per_device, per_device_slots):
     np.testing.assert_array_equal(res.iterations, single.iterations)
     np.testing.assert_array_equal(res.converged, single.converged)
     np.testing.assert_allclose(res.margin, single.margin, rtol=1e-6)
     np.testing.assert_allclose(res.perturbation, single.perturbation, rtol=1e-5, atol=1e-7)
+
+
+def test_slots_refilled_from_the_queue_equal_one_batch():
+  logits_fn = _mlp(9)
+  x = 2 * np.random.RandomState(9).randn(23, 6).astype(np.float32)
+  f = np.asarray(logits_fn(x))
+  y = np.argmax(f, axis=1)
+  y[::4] = np.argsort(-f[::4], axis=1)[:, 1]
+  run = jax.jit(
+    lambda x, y, b: deepfool(logits_fn, x, y, max_iter=3, batch_size=b), static_argnums=2
+  )
+  whole = run(x, y, None)
+  assert len(np.unique(whole.iterations)) == 3 and not whole.converged.all()
+  for b in (
+    1,
+    4,
+  ):  # 23 examples through 4 slots: every slot is refilled, the last batch is partial.
+    slotted = run(x, y, b)
+    np.testing.assert_array_equal(slotted.iterations, whole.iterations)
+    np.testing.assert_array_equal(slotted.converged, whole.converged)
+    np.testing.assert_allclose(slotted.margin, whole.margin, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(slotted.perturbation, whole.perturbation, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match='max_iter'):
+    deepfool(logits_fn, x, y, max_iter=0)

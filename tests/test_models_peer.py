@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from puma_jax import models
-from puma_jax.models import preact_resnet, small_cnn
+from puma_jax.models import layers, preact_resnet, small_cnn
 
 PEER_CNN = dict(conv_channels=(32, 64, 128), pool_after=(False, True, True), dense_widths=(256,))
 
@@ -191,12 +191,12 @@ def test_max_pool_vjp_matches_xla_and_routes_ties_to_the_first_maximum():
   ref_fn = lambda v: jax.lax.reduce_window(
     v, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), 'VALID'
   )
-  out, vjp = jax.vjp(small_cnn.max_pool_2x2, x)
+  out, vjp = jax.vjp(layers.max_pool_2x2, x)
   ref_out, ref_vjp = jax.vjp(ref_fn, x)
   np.testing.assert_array_equal(out, ref_out)
   np.testing.assert_array_equal(vjp(g)[0], ref_vjp(g)[0])
   tie = jnp.zeros((1, 2, 2, 1)).at[0, 1, 1, 0].set(-1.0)  # three tied maxima
-  (grad,) = jax.vjp(small_cnn.max_pool_2x2, tie)[1](jnp.ones((1, 1, 1, 1)))
+  (grad,) = jax.vjp(layers.max_pool_2x2, tie)[1](jnp.ones((1, 1, 1, 1)))
   np.testing.assert_array_equal(grad[0, :, :, 0], [[1.0, 0.0], [0.0, 0.0]])
 
 
@@ -216,3 +216,30 @@ def test_converters_name_the_offending_tensor():
   del rsd['layer3.0.shortcut.0.weight']
   with pytest.raises(ValueError, match='layer3.0.shortcut.0.weight'):
     preact_resnet.convert_torch_state_dict(rsd, width=8)
+
+
+@pytest.mark.parametrize(
+  'k,stride,padding,size',
+  [
+    (3, (1, 1), ((1, 1), (1, 1)), 8),
+    (3, (2, 2), ((1, 1), (1, 1)), 8),  # ResNet downsampling conv
+    (3, (2, 2), ((1, 1), (1, 1)), 7),
+    (1, (2, 2), ((0, 0), (0, 0)), 8),  # ResNet shortcut
+    (1, (2, 2), ((0, 0), (0, 0)), 7),
+    (3, (2, 1), ((0, 2), (1, 0)), 9),
+    (5, (3, 3), ((2, 1), (0, 2)), 10),
+  ],
+)
+def test_conv2d_gradients_equal_jax_rules(k, stride, padding, size):
+  rs = np.random.RandomState(8)
+  x = jnp.asarray(rs.randn(2, size, size, 3), jnp.float32)
+  kernel = jnp.asarray(rs.randn(k, k, 3, 5), jnp.float32)
+  ref = lambda x, w: jax.lax.conv_general_dilated(
+    x, w, stride, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+  )
+  out, vjp = jax.vjp(lambda x, w: layers.conv2d(x, w, stride, padding), x, kernel)
+  ref_out, ref_vjp = jax.vjp(ref, x, kernel)
+  np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
+  g = jnp.asarray(rs.randn(*out.shape), jnp.float32)
+  for got, want in zip(vjp(g), ref_vjp(g), strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)

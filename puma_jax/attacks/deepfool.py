@@ -49,17 +49,25 @@ Results:
   clipped away may not converge.
 * Candidates are the label y and the `num_candidates - 1` other classes with the
   largest logits at x (for a correctly classified example these are the top
-  `num_candidates` classes, as in foolbox and the LTS4 code), so a 21k-class model
-  costs the same per iteration as a 10-class one. The convergence test uses all K
-  classes.
+  `num_candidates` classes, as in foolbox and the LTS4 code), so the backward
+  work per step does not grow with the number of classes K (except in the last
+  layer): a 21k-class model needs num_candidates - 1 backward passes, not 21k.
+  The convergence test uses all K classes.
 * An example that has not converged within `max_iter` steps has
   `converged=False`; its margin is the signed distance reached so far (a partial
-  estimate, smaller in magnitude than the true DeepFool margin). The same holds
+  estimate, usually smaller in magnitude than the converged one). The same holds
   for an example DeepFool cannot move: every candidate's gradient difference is
   zero (a flat region), or, when misclassified, no candidate class scores above
   y although the prediction is not y (a non-candidate class wins). It stops at
   once with `converged=False` rather than spending the remaining iterations.
   Callers decide how to treat those examples (e.g. rank them as most robust).
+
+Cost: every step runs one `jax.vjp` of the model (a forward pass) whose candidate
+gradients come from one vmapped backward pass over the num_candidates - 1
+cotangents e_k - e_y, and one forward pass at the new iterate that decides
+whether the example is done. With `batch_size` smaller than the number of
+examples, a finished example frees its slot for the next one, so the work per
+example follows its own number of steps, not the slowest example's.
 """
 
 from collections.abc import Callable
@@ -91,15 +99,23 @@ class DeepFoolResult(NamedTuple):
   converged: jax.Array
 
 
-class _State(NamedTuple):
-  t: jax.Array  # i32[], number of forward passes done.
+class _Slots(NamedTuple):
+  """The examples being iterated, one per slot (B slots)."""
+
+  example: jax.Array  # i32[B], index into x; N marks an empty slot.
+  x: jax.Array  # f32[B,...], the example's input.
+  y: jax.Array  # i32[B]
+  steps: jax.Array  # i32[B], DeepFool steps taken.
   iterate_sum: jax.Array  # f32[B,...], sum of the steps with the stability term.
   r: jax.Array  # f32[B,...], sum of the linearised distances d_l * u(w_l).
   competitors: jax.Array  # i32[B,C-1], candidate classes other than y.
   correct: jax.Array  # bool[B], predicted y at x.
-  active: jax.Array  # bool[B], still iterating.
-  converged: jax.Array  # bool[B]
-  iterations: jax.Array  # i32[B]
+
+
+class _State(NamedTuple):
+  slots: _Slots
+  next_example: jax.Array  # i32[], the next example to load into a free slot.
+  result: DeepFoolResult  # Arrays over all N examples, written when an example finishes.
 
 
 def deepfool(
@@ -112,30 +128,40 @@ def deepfool(
   overshoot: float = 0.02,
   max_iter: int = 50,
   clip: tuple[float, float] | None = None,
+  batch_size: int | None = None,
 ) -> DeepFoolResult:
-  """Signed DeepFool margins of a batch; see the module docstring for the exact semantics.
+  """Signed DeepFool margins of N examples; see the module docstring for the semantics.
 
-  Each iteration runs one forward pass (`jax.vjp` of `logits_fn` at the iterates)
-  and obtains the gradients of all candidate logit differences from that one VJP
-  with the candidate cotangents vmapped. Examples stop by masking inside one
-  `lax.while_loop`, which ends when every example has stopped or after `max_iter`
-  steps (plus a final forward pass that checks the last step). Pure and
-  jit/vmap/shard_map friendly; computes in float32.
+  The examples run through `batch_size` slots inside one `lax.while_loop`. Each
+  iteration linearises the model at every slot's iterate with one `jax.vjp` (one
+  forward pass) and gets the gradients of all candidate logit differences from
+  that one VJP with the candidate cotangents vmapped; after the step, one forward
+  pass at the new iterates tells which examples have flipped. A finished example
+  (flipped, `max_iter` steps, or unable to move) leaves its slot at once and the
+  next example takes it, so no backward pass is spent on finished examples and a
+  slow example does not hold up the others. The loop ends when every example has
+  finished. Each example's result depends only on that example. Pure; usable
+  under jit, vmap and shard_map (`parallel.per_device` gives every device its own
+  loop); computes in float32 whatever the model's dtype.
 
   Args:
     logits_fn: maps f32[B,...] inputs to logits [B,K] (any float dtype); example b's
       logits must depend only on input b (e.g. BatchNorm in eval mode).
-    x: f32[B,...] inputs, e.g. images f32[B,H,W,C] in [0,1].
-    y: i32[B] labels in [0, K).
+    x: f32[N,...] inputs, e.g. images f32[N,H,W,C] in [0,1].
+    y: i32[N] labels in [0, K).
     norm: 'l2' or 'linf'.
     num_candidates: classes considered per example, y included (>= 2; capped at K).
     overshoot: the iterate is x + (1 + overshoot) * (sum of steps).
-    max_iter: maximum number of DeepFool steps per example.
+    max_iter: maximum number of DeepFool steps per example (>= 1).
     clip: optional (lo, hi) bounds for every iterate, e.g. (0., 1.) for images.
+    batch_size: number of slots, i.e. the batch the model sees (default: all N at
+      once). Smaller batches refill freed slots. The candidates' backward pass runs
+      on (num_candidates - 1) x batch_size rows: on a 2-core CPU batches of 4-8 were
+      fastest; on accelerators use the largest batch that fits.
 
   Returns:
-    `DeepFoolResult(margin f32[B], perturbation f32[B,...], iterations i32[B],
-    converged bool[B])`.
+    `DeepFoolResult(margin f32[N], perturbation f32[N,...], iterations i32[N],
+    converged bool[N])`.
   """
   if norm not in NORMS:
     raise ValueError(f'deepfool: norm must be one of {NORMS}, got {norm!r}')
@@ -144,17 +170,21 @@ def deepfool(
       f'deepfool: num_candidates must be >= 2 (the label and at least one other class), '
       f'got {num_candidates}'
     )
-  if max_iter < 0:
-    raise ValueError(f'deepfool: max_iter must be >= 0, got {max_iter}')
+  if max_iter < 1:
+    raise ValueError(f'deepfool: max_iter must be >= 1, got {max_iter}')
   x = jnp.asarray(x, jnp.float32)
   y = jnp.asarray(y, jnp.int32)
-  batch = x.shape[0]
-  if y.shape != (batch,):
-    raise ValueError(f'deepfool: y has shape {y.shape}, expected ({batch},) to match x')
-  logits_shape = jax.eval_shape(logits_fn, x)
-  if len(logits_shape.shape) != 2 or logits_shape.shape[0] != batch:
-    raise ValueError(f'deepfool: logits_fn must return [B, K] logits, got {logits_shape.shape}')
-  num_classes = logits_shape.shape[1]
+  n = x.shape[0]
+  if y.shape != (n,):
+    raise ValueError(f'deepfool: y has shape {y.shape}, expected ({n},) to match x')
+  if batch_size is not None and batch_size < 1:
+    raise ValueError(f'deepfool: batch_size must be >= 1, got {batch_size}')
+  b = n if batch_size is None else min(batch_size, n)
+  logits_fn32 = lambda v: logits_fn(v).astype(jnp.float32)
+  logits_shape = jax.eval_shape(logits_fn32, x[:b]).shape
+  if len(logits_shape) != 2 or logits_shape[0] != b:
+    raise ValueError(f'deepfool: logits_fn must return [B, K] logits, got {logits_shape}')
+  num_classes = logits_shape[1]
   num_competitors = min(num_candidates, num_classes) - 1
   if num_competitors < 1:
     raise ValueError(f'deepfool: the model has {num_classes} class(es); DeepFool needs >= 2')
@@ -162,13 +192,17 @@ def deepfool(
   feature_axes = tuple(range(1, x.ndim))
   expand = lambda v: v.reshape(v.shape + (1,) * len(feature_axes))
   apply_clip = (lambda v: v) if clip is None else (lambda v: jnp.clip(v, clip[0], clip[1]))
-  dual_norm = (
-    (lambda g: jnp.sqrt(jnp.sum(g * g, axis=feature_axes)))
-    if norm == 'l2'
-    else (lambda g: jnp.sum(jnp.abs(g), axis=feature_axes))
-  )
+  if norm == 'l2':
+    dual_norm = lambda g: jnp.sqrt(jnp.sum(g * g, axis=feature_axes))
+    size = dual_norm
+  else:
+    dual_norm = lambda g: jnp.sum(jnp.abs(g), axis=feature_axes)
+    size = lambda v: jnp.max(jnp.abs(v), axis=feature_axes)
 
-  def step(s: _State, correct, f_diff: jax.Array, grads: jax.Array, active: jax.Array):
+  def iterate(s: _Slots, iterate_sum: jax.Array) -> jax.Array:
+    return apply_clip(s.x + (1.0 + overshoot) * iterate_sum)
+
+  def step(s: _Slots, correct, f_diff: jax.Array, grads: jax.Array):
     """One DeepFool step from f_diff f32[B,C-1] = f_k - f_y and grads f32[C-1,B,...]."""
     w_norm = jax.vmap(dual_norm)(grads).T  # [B,C-1]
     dist = jnp.abs(f_diff) / (w_norm + _TINY)
@@ -176,81 +210,90 @@ def deepfool(
     # classes still above y (inf marks a class with nothing to fix).
     key = jnp.where(correct[:, None], dist, jnp.where(f_diff > 0, -dist, jnp.inf))
     best = jnp.argmin(key, axis=1)
-    rows = jnp.arange(batch)
+    rows = jnp.arange(b)
     d, best_norm, w = dist[rows, best], w_norm[rows, best], grads[best, rows]
     movable = jnp.isfinite(key[rows, best]) & (best_norm > 0) & jnp.isfinite(d)
     u = w / expand(best_norm + _TINY) if norm == 'l2' else jnp.sign(w)
     u = u * expand(jnp.where(correct, 1.0, -1.0))
-    moving = active & movable
-    r = s.r + jnp.where(expand(moving), expand(d) * u, 0.0)
-    iterate_sum = s.iterate_sum + jnp.where(expand(moving), expand(d + _STABILITY) * u, 0.0)
-    return r, iterate_sum, moving, active & ~movable
+    moving = expand(movable)
+    r = s.r + jnp.where(moving, expand(d) * u, 0.0)
+    iterate_sum = s.iterate_sum + jnp.where(moving, expand(d + _STABILITY) * u, 0.0)
+    return r, iterate_sum, movable
 
-  f32_logits_fn = lambda v: logits_fn(v).astype(jnp.float32)
-
-  def body(s: _State) -> _State:
-    x_t = apply_clip(x + (1.0 + overshoot) * s.iterate_sum)
-    logits, vjp_fn = jax.vjp(f32_logits_fn, x_t)
-    pred = jnp.argmax(logits, axis=1)
-    first = s.t == 0
-    competitors = jnp.where(first, _top_competitors(logits, y, num_competitors), s.competitors)
-    correct = jnp.where(first, pred == y, s.correct)
-    flipped = (pred == y) != correct  # Never at t = 0.
-    converged = s.converged | (s.active & flipped)
-    active = s.active & ~flipped
-    f_y = jnp.take_along_axis(logits, y[:, None], axis=1)
-    f_diff = jnp.take_along_axis(logits, competitors, axis=1) - f_y  # [B,C-1]
-
-    def linearise_and_step(_):
-      # Cotangent e_k - e_y for each competitor k: one VJP, vmapped over the candidates.
-      cot = jax.nn.one_hot(competitors.T, num_classes) - jax.nn.one_hot(y, num_classes)
-      (grads,) = jax.vmap(vjp_fn)(cot)  # [C-1,B,...]
-      return step(s, correct, f_diff, grads, active)
-
-    def no_step(_):
-      return s.r, s.iterate_sum, jnp.zeros_like(active), jnp.zeros_like(active)
-
-    r, iterate_sum, moved, stuck = jax.lax.cond(
-      (s.t < max_iter) & jnp.any(active), linearise_and_step, no_step, None
+  def body(state: _State) -> _State:
+    s = state.slots
+    active = s.example < n
+    logits, vjp_fn = jax.vjp(logits_fn32, iterate(s, s.iterate_sum))
+    first = s.steps == 0
+    competitors = jnp.where(
+      first[:, None], _top_competitors(logits, s.y, num_competitors), s.competitors
     )
-    return _State(
-      t=s.t + 1,
-      iterate_sum=iterate_sum,
-      r=r,
+    correct = jnp.where(first, jnp.argmax(logits, axis=1) == s.y, s.correct)
+    f_y = jnp.take_along_axis(logits, s.y[:, None], axis=1)
+    f_diff = jnp.take_along_axis(logits, competitors, axis=1) - f_y  # [B,C-1]
+    # Cotangent e_k - e_y for each competitor k: one VJP, vmapped over the candidates.
+    cot = jax.nn.one_hot(competitors.T, num_classes) - jax.nn.one_hot(s.y, num_classes)
+    (grads,) = jax.vmap(vjp_fn)(cot)  # [C-1,B,...]
+    r, iterate_sum, moved = step(s, correct, f_diff, grads)
+    steps = s.steps + moved.astype(jnp.int32)
+    x_next = iterate(s, iterate_sum)
+    flipped = (jnp.argmax(logits_fn32(x_next), axis=1) == s.y) != correct
+    done = active & (flipped | ~moved | (steps >= max_iter))
+
+    # Write the finished examples' results (index n is dropped).
+    out = jnp.where(done, s.example, n)
+    delta = apply_clip(s.x + r) - s.x if clip is not None else r
+    margin = jnp.where(correct, 1.0, -1.0) * size(delta)
+    res = state.result
+    res = DeepFoolResult(
+      margin=res.margin.at[out].set(margin, mode='drop'),
+      perturbation=res.perturbation.at[out].set(x_next - s.x, mode='drop'),
+      iterations=res.iterations.at[out].set(steps, mode='drop'),
+      converged=res.converged.at[out].set(flipped, mode='drop'),
+    )
+
+    # Refill the freed slots with the next examples, in slot order.
+    new = state.next_example + jnp.cumsum(done) - 1
+    example = jnp.where(done, jnp.where(new < n, new, n), s.example)
+    refill = done & (example < n)
+    load = jnp.minimum(example, n - 1)
+    keep = lambda old, fresh: jnp.where(expand(refill) if old.ndim > 1 else refill, fresh, old)
+    slots = _Slots(
+      example=example,
+      x=keep(s.x, x[load]),
+      y=keep(s.y, y[load]),
+      steps=jnp.where(done, 0, steps),
+      iterate_sum=jnp.where(expand(done), 0.0, iterate_sum),
+      r=jnp.where(expand(done), 0.0, r),
       competitors=competitors,
       correct=correct,
-      active=active & ~stuck,
-      converged=converged,
-      iterations=s.iterations + moved.astype(jnp.int32),
     )
+    next_example = jnp.minimum(state.next_example + jnp.sum(done), n)
+    return _State(slots, next_example, res)
 
-  def cond(s: _State) -> jax.Array:
-    return (s.t <= max_iter) & jnp.any(s.active)
+  def cond(state: _State) -> jax.Array:
+    return jnp.any(state.slots.example < n)
 
-  zeros_b = jnp.zeros((batch,), bool)
   init = _State(
-    t=jnp.zeros((), jnp.int32),
-    iterate_sum=jnp.zeros_like(x),
-    r=jnp.zeros_like(x),
-    competitors=jnp.zeros((batch, num_competitors), jnp.int32),
-    correct=zeros_b,
-    active=jnp.ones((batch,), bool),
-    converged=zeros_b,
-    iterations=jnp.zeros((batch,), jnp.int32),
+    slots=_Slots(
+      example=jnp.arange(b, dtype=jnp.int32),
+      x=x[:b],
+      y=y[:b],
+      steps=jnp.zeros((b,), jnp.int32),
+      iterate_sum=jnp.zeros_like(x[:b]),
+      r=jnp.zeros_like(x[:b]),
+      competitors=jnp.zeros((b, num_competitors), jnp.int32),
+      correct=jnp.zeros((b,), bool),
+    ),
+    next_example=jnp.asarray(b, jnp.int32),
+    result=DeepFoolResult(
+      margin=jnp.zeros((n,), jnp.float32),
+      perturbation=jnp.zeros_like(x),
+      iterations=jnp.zeros((n,), jnp.int32),
+      converged=jnp.zeros((n,), bool),
+    ),
   )
-  s = jax.lax.while_loop(cond, body, init)
-  r = apply_clip(x + s.r) - x if clip is not None else s.r
-  size = (
-    jnp.sqrt(jnp.sum(r * r, axis=feature_axes))
-    if norm == 'l2'
-    else jnp.max(jnp.abs(r), axis=feature_axes)
-  )
-  return DeepFoolResult(
-    margin=jnp.where(s.correct, size, -size),
-    perturbation=apply_clip(x + (1.0 + overshoot) * s.iterate_sum) - x,
-    iterations=s.iterations,
-    converged=s.converged,
-  )
+  return jax.lax.while_loop(cond, body, init).result
 
 
 def _top_competitors(logits: jax.Array, y: jax.Array, num: int) -> jax.Array:

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from puma_jax.models import layers
+
 _STAGES = ((64, 1), (128, 2), (256, 2), (512, 2))  # (planes at width 64, stride) per stage.
 _BLOCKS_PER_STAGE = 2
 _BN_EPS = 1e-5
@@ -39,7 +41,7 @@ class PreActBlock(nn.Module):
     bn = lambda name: nn.BatchNorm(
       use_running_average=not train, momentum=0.9, epsilon=_BN_EPS, dtype=self.dtype, name=name
     )
-    conv = lambda features, k, stride, pad, name: nn.Conv(
+    conv = lambda features, k, stride, pad, name: layers.Conv(
       features,
       (k, k),
       strides=(stride, stride),
@@ -78,13 +80,8 @@ class PreActResNet18(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """Logits f32[B,K] of images `x` f32[B,H,W,C] in [0,1]."""
-    x = x.astype(jnp.float32)
-    if self.mean is not None or self.std is not None:
-      mean = jnp.asarray(0.0 if self.mean is None else self.mean, jnp.float32)
-      std = jnp.asarray(1.0 if self.std is None else self.std, jnp.float32)
-      x = (x - mean) / std
-    x = x.astype(self.dtype)
-    x = nn.Conv(
+    x = layers.normalize(x, self.mean, self.std).astype(self.dtype)
+    x = layers.Conv(
       self.width,
       (3, 3),
       padding=((1, 1), (1, 1)),

@@ -8,6 +8,7 @@ Two configurations matter:
   `SmallCNN(conv_channels=(32, 64, 128), pool_after=(False, True, True), dense_widths=(256,))`,
   i.e. conv3-32, relu, conv3-64, relu, maxpool2, conv3-128, relu, maxpool2, fc256, relu, fc10.
 
+Convs and pooling come from `layers` (input gradients that stay fast inside loops).
 Submodules are named after the PyTorch layers they import from: `conv1`, `conv2`, ...
 and `fc1`, `fc2`, ... (the last `fc` is the classifier), so a PyTorch `state_dict`
 with those names converts with `convert_torch_state_dict`.
@@ -21,51 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-@jax.custom_vjp
-def max_pool_2x2(x: jax.Array) -> jax.Array:
-  """2x2 max-pool with stride 2 (VALID) over the H and W axes of `x` f32[B,H,W,C].
-
-  Same values as `nn.max_pool(x, (2, 2), strides=(2, 2))`. Its VJP routes each
-  window's cotangent to the window's first maximal element (row-major order, as
-  PyTorch does) with compares and selects, which XLA fuses into elementwise code;
-  the default VJP lowers to a select-and-scatter that XLA's CPU backend runs
-  several times slower than the forward pass.
-  """
-  return _max_pool_2x2_fwd(x)[0]
-
-
-def _windows(x: jax.Array) -> jax.Array:
-  b, h, w, c = x.shape
-  if h % 2 or w % 2:
-    x = x[:, : h - h % 2, : w - w % 2]  # VALID pooling drops the last odd row / column.
-  return x.reshape(b, h // 2, 2, w // 2, 2, c)
-
-
-def _max_pool_2x2_fwd(x):
-  win = _windows(x)
-  return jnp.max(win, axis=(2, 4)), (x, jnp.max(win, axis=(2, 4)))
-
-
-def _max_pool_2x2_bwd(res, g):
-  x, out = res
-  win = _windows(x)
-  is_max = win == out[:, :, None, :, None, :]
-  # The first maximal element of each window in row-major order gets the cotangent.
-  m00 = is_max[:, :, 0, :, 0]
-  m01 = is_max[:, :, 0, :, 1] & ~m00
-  m10 = is_max[:, :, 1, :, 0] & ~(m00 | m01)
-  m11 = ~(m00 | m01 | m10)
-  first = jnp.stack([jnp.stack([m00, m01], axis=3), jnp.stack([m10, m11], axis=3)], axis=2)
-  grad = jnp.where(first, g[:, :, None, :, None, :], jnp.zeros((), g.dtype))
-  grad = grad.reshape(win.shape[0], 2 * win.shape[1], 2 * win.shape[3], win.shape[5])
-  pad_h, pad_w = x.shape[1] - grad.shape[1], x.shape[2] - grad.shape[2]
-  if pad_h or pad_w:
-    grad = jnp.pad(grad, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
-  return (grad.astype(x.dtype),)
-
-
-max_pool_2x2.defvjp(_max_pool_2x2_fwd, _max_pool_2x2_bwd)
+from puma_jax.models import layers
 
 
 class SmallCNN(nn.Module):
@@ -102,10 +59,10 @@ class SmallCNN(nn.Module):
       )
     if self.kernel_size % 2 != 1:
       raise ValueError(f'SmallCNN: kernel_size must be odd, got {self.kernel_size}')
-    x = _normalize(x.astype(jnp.float32), self.mean, self.std).astype(self.dtype)
+    x = layers.normalize(x, self.mean, self.std).astype(self.dtype)
     pad = self.kernel_size // 2
     for i, (features, pool) in enumerate(zip(self.conv_channels, self.pool_after, strict=True)):
-      x = nn.Conv(
+      x = layers.Conv(
         features,
         (self.kernel_size, self.kernel_size),
         padding=((pad, pad), (pad, pad)),
@@ -114,20 +71,12 @@ class SmallCNN(nn.Module):
       )(x)
       x = nn.relu(x)
       if pool:
-        x = max_pool_2x2(x)
+        x = layers.max_pool_2x2(x)
     x = x.reshape(x.shape[0], -1)  # HWC order; the PyTorch import permutes fc1 from CHW.
     for j, width in enumerate(self.dense_widths):
       x = nn.relu(nn.Dense(width, dtype=self.dtype, name=f'fc{j + 1}')(x))
     x = nn.Dense(self.num_classes, dtype=self.dtype, name=f'fc{len(self.dense_widths) + 1}')(x)
     return x.astype(jnp.float32)
-
-
-def _normalize(x: jax.Array, mean, std) -> jax.Array:
-  if mean is None and std is None:
-    return x
-  mean = jnp.asarray(0.0 if mean is None else mean, jnp.float32)
-  std = jnp.asarray(1.0 if std is None else std, jnp.float32)
-  return (x - mean) / std
 
 
 def convert_torch_state_dict(

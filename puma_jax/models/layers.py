@@ -1,0 +1,220 @@
+"""Layers whose input gradients stay fast inside loops: a 2-D conv and a 2x2 max-pool.
+
+Attacks differentiate the model with respect to its input inside `lax.while_loop`
+and `lax.fori_loop` (DeepFool, PGD, TRADES). There, XLA's CPU backend folds the
+flip and transpose of the kernel in a conv's input gradient into the conv's
+dimension numbers (kernel layout 'OI'), which its fast conv library (YNNPACK) does
+not take, so the input gradient falls back to a generic conv that ran 2-3x slower
+on the benchmark CPU than the same conv outside a loop. `conv2d` computes its input
+gradient as an ordinary conv with an explicitly flipped and transposed kernel (an
+optimisation barrier keeps XLA from folding it back), which keeps the library
+path everywhere. Its weight gradient is JAX's own. Numerically both are the same
+convolutions as JAX's rules; on accelerators they cost the same.
+
+`max_pool_2x2` routes each window's cotangent to its first maximal element with
+compares and selects, which fuse into elementwise code, instead of XLA's
+select-and-scatter.
+
+Both use `jax.custom_vjp`: reverse-mode (grad, vjp, jacrev) works, forward-mode
+(jvp, jacfwd) does not.
+"""
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
+Padding = tuple[tuple[int, int], tuple[int, int]]
+
+
+def _conv(x, kernel, strides, padding, lhs_dilation=(1, 1)):
+  return jax.lax.conv_general_dilated(
+    x,
+    kernel,
+    window_strides=strides,
+    padding=padding,
+    lhs_dilation=lhs_dilation,
+    dimension_numbers=_DIMENSION_NUMBERS,
+    preferred_element_type=None,
+  )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d(
+  x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding
+) -> jax.Array:
+  """NHWC x HWIO 2-D convolution with explicit padding ((top, bottom), (left, right)).
+
+  Args:
+    x: [B,H,W,Cin] inputs.
+    kernel: [kh,kw,Cin,Cout] weights.
+    strides: (sh, sw).
+    padding: ((top, bottom), (left, right)) zero padding.
+
+  Returns:
+    [B,Ho,Wo,Cout] outputs, the same as `lax.conv_general_dilated`.
+  """
+  return _conv(x, kernel, strides, padding)
+
+
+def _conv2d_fwd(x, kernel, strides, padding):
+  return _conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _conv2d_bwd(strides, padding, res, g):
+  x, kernel = res
+  if tuple(strides) == (1, 1):
+    dx = _input_grad_stride1(g, kernel, x.shape[1:3], padding)
+  else:
+    dx = _input_grad_strided(g, kernel, x.shape[1:3], strides, padding)
+  (dkernel,) = jax.vjp(lambda k: _conv(x, k, strides, padding), kernel)[1](g)
+  return dx.astype(x.dtype), dkernel
+
+
+def _flip_transpose(kernel: jax.Array) -> jax.Array:
+  """[kh,kw,Cin,Cout] -> [kh,kw,Cout,Cin] flipped in space, materialised (not foldable)."""
+  return jax.lax.optimization_barrier(jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
+
+
+def _input_grad_stride1(g, kernel, in_hw, padding):
+  """d(conv)/dx for stride 1: a conv of g with the flipped, transposed kernel."""
+  pads = []
+  for n, k, o, (lo, _) in zip(in_hw, kernel.shape[:2], g.shape[1:3], padding, strict=True):
+    before = k - 1 - lo
+    pads.append((before, n + k - 1 - o - before))
+  return _conv(g, _flip_transpose(kernel), (1, 1), tuple(pads))
+
+
+def _input_grad_strided(g, kernel, in_hw, strides, padding):
+  """d(conv)/dx for strides s > 1, as s_h * s_w stride-1 convs, one per output phase.
+
+  Input row i = s*q + a only receives the kernel taps k = s*m + c with
+  c = (a + pad) mod s, so phase a is a stride-1 conv of g with the sub-kernel
+  kernel[c::s]; interleaving the phases gives dx. Unlike the dilated conv of JAX's
+  rule, which multiplies by the zeros inserted between the rows of g (s*s times
+  the work) and runs outside YNNPACK on CPU, this does only the needed work.
+  """
+  b, cout = g.shape[0], kernel.shape[3]
+  cin = kernel.shape[2]
+  phases_h = _phases(in_hw[0], kernel.shape[0], strides[0], padding[0][0], g.shape[1])
+  phases_w = _phases(in_hw[1], kernel.shape[1], strides[1], padding[1][0], g.shape[2])
+  q_h, q_w = max(p[3] for p in phases_h), max(p[3] for p in phases_w)
+  rows = []
+  for c_h, lo_h, hi_h, n_h in phases_h:
+    cols = []
+    for c_w, lo_w, hi_w, n_w in phases_w:
+      sub = kernel[c_h :: strides[0], c_w :: strides[1]]
+      if sub.shape[0] == 0 or sub.shape[1] == 0:
+        part = jnp.zeros((b, n_h, n_w, cin), g.dtype)
+      else:
+        gp = jax.lax.pad(
+          g, jnp.zeros((), g.dtype), ((0, 0, 0), (lo_h, hi_h, 0), (lo_w, hi_w, 0), (0, 0, 0))
+        )
+        part = _conv(gp, _flip_transpose(sub), (1, 1), ((0, 0), (0, 0)))
+      cols.append(jnp.pad(part, ((0, 0), (0, q_h - n_h), (0, q_w - n_w), (0, 0))))
+    rows.append(jnp.stack(cols, axis=3))  # [B, q_h, q_w, s_w, Cin]
+  dx = jnp.stack(rows, axis=2)  # [B, q_h, s_h, q_w, s_w, Cin]
+  dx = dx.reshape(b, q_h * strides[0], q_w * strides[1], cin)
+  del cout
+  return dx[:, : in_hw[0], : in_hw[1]]
+
+
+def _phases(n, k, s, pad_lo, len_g):
+  """Per output phase a < s of one spatial axis: (first tap c, pad lo, pad hi, rows)."""
+  out = []
+  for a in range(s):
+    c = (a + pad_lo) % s
+    taps = len(range(c, k, s))
+    t = (a + pad_lo - c) // s
+    rows = -(-(n - a) // s)  # ceil((n - a) / s)
+    lo = taps - 1 - t
+    hi = rows - len_g - lo + taps - 1
+    out.append((c, lo, hi, rows))
+  return out
+
+
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+class Conv(nn.Module):
+  """`nn.Conv` for NHWC inputs with explicit padding and the loop-friendly `conv2d`.
+
+  Parameters have nn.Conv's names and shapes (`kernel` [kh,kw,Cin,Cout], `bias`
+  [Cout]) and stay float32; the computation runs in `dtype`.
+  """
+
+  features: int
+  kernel_size: tuple[int, int]
+  strides: tuple[int, int] = (1, 1)
+  padding: Padding = ((0, 0), (0, 0))
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+  kernel_init: Callable[..., jax.Array] = nn.initializers.lecun_normal()
+  bias_init: Callable[..., jax.Array] = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    shape = (*self.kernel_size, x.shape[-1], self.features)
+    kernel = self.param('kernel', self.kernel_init, shape, jnp.float32)
+    padding = tuple(tuple(int(p) for p in pair) for pair in self.padding)
+    y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), tuple(self.strides), padding)
+    if self.use_bias:
+      y = y + self.param('bias', self.bias_init, (self.features,), jnp.float32).astype(self.dtype)
+    return y
+
+
+@jax.custom_vjp
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """2x2 max-pool with stride 2 (VALID) over the H and W axes of `x` [B,H,W,C].
+
+  Same values as `nn.max_pool(x, (2, 2), strides=(2, 2))`. The VJP routes each
+  window's cotangent to the window's first maximal element in row-major order
+  (as PyTorch does).
+  """
+  return jnp.max(_windows(x), axis=(2, 4))
+
+
+def _windows(x: jax.Array) -> jax.Array:
+  b, h, w, c = x.shape
+  x = x[:, : h - h % 2, : w - w % 2]  # VALID pooling drops an odd last row / column.
+  return x.reshape(b, h // 2, 2, w // 2, 2, c)
+
+
+def _max_pool_2x2_fwd(x):
+  out = jnp.max(_windows(x), axis=(2, 4))
+  return out, (x, out)
+
+
+def _max_pool_2x2_bwd(res, g):
+  x, out = res
+  win = _windows(x)
+  is_max = win == out[:, :, None, :, None, :]
+  m00 = is_max[:, :, 0, :, 0]
+  m01 = is_max[:, :, 0, :, 1] & ~m00
+  m10 = is_max[:, :, 1, :, 0] & ~(m00 | m01)
+  m11 = ~(m00 | m01 | m10)
+  first = jnp.stack([jnp.stack([m00, m01], axis=3), jnp.stack([m10, m11], axis=3)], axis=2)
+  grad = jnp.where(first, g[:, :, None, :, None, :], jnp.zeros((), g.dtype))
+  grad = grad.reshape(win.shape[0], 2 * win.shape[1], 2 * win.shape[3], win.shape[5])
+  pad_h, pad_w = x.shape[1] - grad.shape[1], x.shape[2] - grad.shape[2]
+  if pad_h or pad_w:
+    grad = jnp.pad(grad, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+  return (grad.astype(x.dtype),)
+
+
+max_pool_2x2.defvjp(_max_pool_2x2_fwd, _max_pool_2x2_bwd)
+
+
+def normalize(x: jax.Array, mean: Sequence[float] | None, std: Sequence[float] | None) -> jax.Array:
+  """(x - mean) / std per channel in float32; identity when both are None."""
+  x = x.astype(jnp.float32)
+  if mean is None and std is None:
+    return x
+  mean = jnp.asarray(0.0 if mean is None else np.asarray(mean), jnp.float32)
+  std = jnp.asarray(1.0 if std is None else np.asarray(std), jnp.float32)
+  return (x - mean) / std
