@@ -58,13 +58,14 @@ def create_train_state(
   variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
   params = variables['params']
   batch_stats = variables.get('batch_stats', {})
+  # The averages start as copies: aliasing the same buffers would break donation.
   return TrainState(
     step=jnp.zeros((), jnp.int32),
     params=params,
     batch_stats=batch_stats,
     opt_state=tx.init(params),
-    ema_params=params,
-    ema_batch_stats=batch_stats,
+    ema_params=jax.tree.map(jnp.copy, params),
+    ema_batch_stats=jax.tree.map(jnp.copy, batch_stats),
   )
 
 
