@@ -62,8 +62,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.margins.num_candidates = 10
   c.margins.overshoot = 0.02
   c.margins.max_iter = 50
-  c.margins.batch_size = 256
+  c.margins.clip = True  # Clip every DeepFool iterate to the image box [0, 1].
+  c.margins.batch_size = 256  # Per process; a multiple of its local devices.
   c.margins.recompute = False  # Recompute when the saved manifest disagrees.
+  # The --dry_run cost estimate (puma_jax.margins.estimate_margin_cost).
+  c.margins.estimate = ml_collections.ConfigDict()
+  c.margins.estimate.num_examples = 0  # N to project for; 0: the prepared training splits.
+  c.margins.estimate.num_devices = 0  # D to project for; 0: this job's devices.
+  c.margins.estimate.price_per_device_hour = 0.0  # 0: no cost column.
+  c.margins.estimate.probe_batches = 3  # Batches timed after one warm-up batch.
 
   # Pruning and per-example eps (puma_jax/pruning.py; eps is c.attack.eps, `random` uses c.seed).
   c.prune = ml_collections.ConfigDict()
