@@ -196,7 +196,7 @@ def _describe_value(v: Any) -> Any:
     return np.asarray(v).tolist()
   try:
     return np.dtype(v).name
-  except TypeError:
+  except (TypeError, ValueError):
     pass
   if callable(v) and hasattr(v, '__name__'):
     return f'{getattr(v, "__module__", "")}.{v.__qualname__}'
@@ -509,10 +509,25 @@ def _compile(
   return compiled, time.perf_counter() - start
 
 
-class _Engine:
-  """Compiled DeepFool on a local mesh, one executable per batch shape."""
+class MarginEngine:
+  """DeepFool margins of batches on a mesh of local devices: what the stage runs per batch.
 
-  def __init__(self, model, variables, settings, mesh, batch_size):
+  `dispatch(image, label)` places a batch (f32[B,H,W,C], i32[B]) on the mesh and
+  starts the per-device DeepFool program, returning its device outputs
+  (margin f32[B], iterations i32[B], converged bool[B]) without waiting for them.
+  Programs are compiled ahead of time once per image shape and cached across
+  engines with the same model, settings, mesh, batch size and variable shapes
+  (`compile_seconds` and `compilations` count only this engine's cache misses).
+  """
+
+  def __init__(
+    self,
+    model: nn.Module,
+    variables: Any,
+    settings: DeepFoolSettings,
+    mesh: jax.sharding.Mesh,
+    batch_size: int,
+  ):
     self.model, self.settings = model, settings
     self.mesh, self.batch_size = mesh, batch_size
     self.sharding = parallel.data_sharding(mesh)
@@ -556,7 +571,7 @@ def _clean_temporaries(split: Split, shard_id: int, tags: Sequence[str], root: A
 
 
 def _score_shards(
-  engine: _Engine,
+  engine: MarginEngine,
   work: list[tuple[str, Split, int]],
   *,
   tags: dict[str, str],
@@ -729,7 +744,7 @@ def compute_margins(
   error = None
   try:
     if work:
-      engine = _Engine(model, variables, settings, mesh, batch_size)
+      engine = MarginEngine(model, variables, settings, mesh, batch_size)
       counters = _score_shards(
         engine,
         work,
@@ -1001,7 +1016,7 @@ def estimate_margin_cost(
   batches, kind = _probe_batches(
     named, image_shape, batch_size, probe_batches + 1, model, variables, seed
   )
-  engine = _Engine(model, variables, settings, mesh, batch_size)
+  engine = MarginEngine(model, variables, settings, mesh, batch_size)
   jax.block_until_ready(engine.dispatch(*batches[0]))  # compile (if not cached) and warm up
   device_batches = [
     (jax.device_put(x, engine.sharding), jax.device_put(y, engine.sharding)) for x, y in batches[1:]

@@ -149,6 +149,16 @@ def test_resume_skips_complete_shards_and_redoes_corrupt_ones(tmp_path, splits):
   )
   assert third.run['shards_computed'] == {'real': [], 'generated': []}
   assert third.run['compilations'] == 0
+  loaded = margins.load_margins(model, variables, splits, settings=SETTINGS, sidecar_root=tmp_path)
+  np.testing.assert_array_equal(loaded['generated'], first.margins['generated'])
+  with pytest.raises(sidecar.SidecarError, match='max_iter'):
+    margins.load_margins(
+      model,
+      variables,
+      splits,
+      settings=margins.DeepFoolSettings(norm='linf', num_candidates=4, max_iter=21),
+      sidecar_root=tmp_path,
+    )
 
 
 def test_mismatching_manifest_is_refused_unless_recompute(tmp_path, splits):
@@ -251,7 +261,7 @@ def test_model_fingerprint_sees_values_names_and_dtypes():
   assert margins.model_fingerprint(renamed) != base
 
 
-def test_cost_estimate(splits):
+def test_cost_estimate(splits, tmp_path):
   model, variables = tiny_model(seed=6)
   est = margins.estimate_margin_cost(
     model,
@@ -282,6 +292,19 @@ def test_cost_estimate(splits):
     probe_batches=1,
   )
   assert random_probe.probe_data == 'random' and random_probe.num_devices == jax.device_count()
+  margins.write_estimate(est, tmp_path / 'estimate.json')
+  saved = json.loads((tmp_path / 'estimate.json').read_text())
+  assert saved['device_hours'] == pytest.approx(est.device_hours()) and saved['num_devices'] == 64
+
+  from configs import default
+
+  c = default.get_config().margins
+  c.batch_size, c.max_iter = 8, 5
+  c.estimate.num_examples, c.estimate.num_devices, c.estimate.probe_batches = 1000, 2, 1
+  from_config = margins.estimate_from_config(c, model, variables, splits)
+  assert from_config.settings.max_iter == 5 and from_config.num_examples == 1000
+  assert from_config.num_devices == 2 and from_config.price_per_device_hour == 0.0
+  assert 'cost' not in from_config.table()
   with pytest.raises(ValueError, match='price'):
     margins.estimate_margin_cost(
       model, variables, settings=SETTINGS, batch_size=8, splits=splits, price_per_device_hour=-1
