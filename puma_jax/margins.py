@@ -637,6 +637,55 @@ def _score_shards(
   return counters
 
 
+def _owned(split: Split) -> list[int]:
+  """The shards of `split` this process scores: k with k mod P = p."""
+  pi, pc = jax.process_index(), jax.process_count()
+  return [k for k in range(split.num_shards) if k % pc == pi]
+
+
+def _write_manifests(
+  named: Mapping[str, Split],
+  tags: Mapping[str, str],
+  expected: Mapping[str, dict[str, Any]],
+  root: Any,
+  recompute: bool,
+) -> None:
+  """Process 0 writes the manifests; every process learns whether that worked, then syncs."""
+  error = None
+  if jax.process_index() == 0:
+    try:
+      for split in named.values():
+        for q, t in tags.items():
+          sidecar.write_manifest(split, t, expected[q], root=root, overwrite=recompute)
+    except Exception as e:  # noqa: BLE001 (re-raised after telling the other processes)
+      error = e
+  _all_ok(error is None, 'writing the margin manifests')
+  if error is not None:
+    raise error
+  _barrier('puma_jax.margins.manifests')
+
+
+def _plan(
+  named: Mapping[str, Split], tags: Mapping[str, str], root: Any
+) -> tuple[list[tuple[str, Split, int]], dict[str, list[int]]]:
+  """This process's shards still to score (temporaries of killed writers removed) and skipped."""
+  work, skipped = [], {}
+  for key, split in named.items():
+    missing = set()
+    for t in tags.values():
+      missing.update(sidecar.missing_shards(split, t, root))
+    skipped[key] = []
+    for k in _owned(split):
+      if k not in missing:
+        skipped[key].append(k)
+        continue
+      if sidecar.sidecar_path(split, tags['margin'], k, root).exists():
+        logging.warning('%s shard %d: sidecars incomplete or corrupt; recomputing', key, k)
+      _clean_temporaries(split, k, list(tags.values()), root)
+      work.append((key, split, k))
+  return work, skipped
+
+
 def compute_margins(
   model: nn.Module,
   variables: Any,
@@ -695,36 +744,11 @@ def compute_margins(
   for key, split in named.items():
     for q, t in tags.items():
       _check_existing(split, t, expected[q], sidecar_root, recompute, key)
-
+  _write_manifests(named, tags, expected, sidecar_root, recompute)
+  work, skipped = _plan(named, tags, sidecar_root)
+  total = sum(s.shard_lengths[k] for s in named.values() for k in _owned(s))
+  done_before = sum(named[key].shard_lengths[k] for key, ks in skipped.items() for k in ks)
   pi, pc = jax.process_index(), jax.process_count()
-  error = None
-  if pi == 0:
-    try:
-      for split in named.values():
-        for q, t in tags.items():
-          sidecar.write_manifest(split, t, expected[q], root=sidecar_root, overwrite=recompute)
-    except Exception as e:  # noqa: BLE001 (re-raised after telling the other processes)
-      error = e
-  _all_ok(error is None, 'writing the margin manifests')
-  if error is not None:
-    raise error
-  _barrier(f'puma_jax.margins.{tag}.manifests')
-
-  work, skipped, total, done_before = [], {}, 0, 0
-  for key, split in named.items():
-    missing = set()
-    for t in tags.values():
-      missing.update(sidecar.missing_shards(split, t, sidecar_root))
-    owned = [k for k in range(split.num_shards) if k % pc == pi]
-    total += sum(split.shard_lengths[k] for k in owned)
-    skipped[key] = [k for k in owned if k not in missing]
-    done_before += sum(split.shard_lengths[k] for k in skipped[key])
-    for k in owned:
-      if k in missing:
-        if sidecar.sidecar_path(split, tags['margin'], k, sidecar_root).exists():
-          logging.warning('%s shard %d: sidecars incomplete or corrupt; recomputing', key, k)
-        _clean_temporaries(split, k, list(tags.values()), sidecar_root)
-        work.append((key, split, k))
   logging.info(
     'margins (%s): process %d/%d scores %d shards (%d skipped, already complete) on %d devices',
     tag,
@@ -762,7 +786,7 @@ def compute_margins(
   _all_ok(error is None, 'computing margins')
   if error is not None:
     raise error
-  _barrier(f'puma_jax.margins.{tag}.done')
+  _barrier('puma_jax.margins.done')
 
   arrays = {
     key: {q: sidecar.load(split, t, expected[q], sidecar_root) for q, t in tags.items()}
@@ -796,7 +820,7 @@ def compute_margins(
   )
   summary['tag'] = tag
   summary['splits'] = {key: f'{s.name}:{s.split}' for key, s in named.items()}
-  summary['run_process_0' if pi == 0 else f'run_process_{pi}'] = run
+  summary['run'] = run  # this process's (the file is written by process 0)
   if summary_dir is not None and pi == 0:
     margin_report.write_report(
       summary,

@@ -211,4 +211,4 @@ def test_two_processes_split_the_shards(tmp_path, data):
       np.testing.assert_array_equal(got[f'{key}_margin'], expected.margins[key])
       np.testing.assert_array_equal(got[f'{key}_iterations'], expected.iterations[key])
   summary = json.loads((tmp_path / 'summary' / 'summary.json').read_text())
-  assert summary['overall']['count'] == 74 and 'run_process_0' in summary
+  assert summary['overall']['count'] == 74 and summary['run']['process_index'] == 0
