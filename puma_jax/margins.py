@@ -35,7 +35,8 @@ How the work is organised:
   last, so a shard killed at any point is simply recomputed. Computation is
   deterministic, so a killed and resumed run ends with the same arrays as an
   uninterrupted one (same batch size and devices; other batch sizes or device
-  counts change margins only by float rounding).
+  counts change margins by float rounding, which can rarely change an example's
+  DeepFool path).
 - A manifest that disagrees (model, DeepFool settings, dataset) is refused,
   naming the difference, unless `recompute=True`, which replaces it and deletes
   the old sidecars. Batch size and device count are not settings.
@@ -620,6 +621,8 @@ def _score_shards(
     if buf.complete:
       finish(buffers.pop((key, k)))
 
+  for _, split, _ in work:
+    _ = split.data_source  # Open the readers here, not in the reader or grain threads.
   reader = _Prefetch(items, depth=max(2, prefetch_batches))
   try:
     for key, split, k, batch in reader:
