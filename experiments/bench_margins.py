@@ -272,8 +272,12 @@ def bench_classes(splits, settings) -> list[dict]:
 
 
 def main() -> None:
+  with tempfile.TemporaryDirectory(prefix='bench_margins_') as tmp:
+    run(tmp)
+
+
+def run(tmp: str) -> None:
   log(f'devices: {jax.local_devices()}')
-  tmp = tempfile.mkdtemp(prefix='bench_margins_')
   data_dir = ARGS.data_dir or os.path.join(tmp, 'data')
   t0 = time.perf_counter()
   prepared = prepare_data(data_dir)
