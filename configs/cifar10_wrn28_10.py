@@ -107,7 +107,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.num_examples = 0
   c.eval.pgd_steps = 40
   c.eval.autoattack = 'standard'
-  c.eval.autoattack_batch_size = 500
 
   if 'tiny' in variants:
     config_base.shrink_for_tests(c)

@@ -80,7 +80,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.batch_size = 500
   c.eval.num_examples = 5_000
   c.eval.pgd_steps = 20
-  c.eval.autoattack_batch_size = 500
 
   if full:
     c.margin_model.source = 'checkpoint'  # A robust model trained beforehand.

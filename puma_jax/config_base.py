@@ -105,7 +105,15 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval.num_examples = 0  # 0 means the whole test split.
   c.eval.pgd_steps = 20
   c.eval.autoattack = 'standard'  # standard | none
-  c.eval.autoattack_batch_size = 250
+  # Rows of still-robust examples attacked together per device (0: the whole slice).
+  c.eval.autoattack_chunk_size = 0
+  # AutoAttack's budgets; only these defaults are AutoAttack "standard".
+  c.eval.autoattack_budgets = ml_collections.ConfigDict()
+  c.eval.autoattack_budgets.apgd_steps = 100
+  c.eval.autoattack_budgets.fab_steps = 100
+  c.eval.autoattack_budgets.num_targets = 9
+  c.eval.autoattack_budgets.square_queries = 5000
+  c.eval.recompute = False  # Replace saved evaluation results made with other settings.
 
   return c
 
@@ -116,7 +124,6 @@ def shrink_for_tests(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.data.generated.num_shards = 2
   c.data.real.num_shards = 2
   c.margin_model.num_steps = 20
-  c.margins.max_iter = 10
   c.margins.batch_size = 64
   c.train.batch_size = 32
   c.train.num_steps = 20
@@ -126,5 +133,10 @@ def shrink_for_tests(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.train.checkpoint_every_steps = 10
   c.eval.num_examples = 64
   c.eval.batch_size = 32
-  c.eval.autoattack_batch_size = 32
+  c.eval.pgd_steps = 5
+  c.eval.autoattack_budgets.apgd_steps = 10
+  c.eval.autoattack_budgets.fab_steps = 10
+  c.eval.autoattack_budgets.num_targets = 3
+  c.eval.autoattack_budgets.square_queries = 100
+  c.margins.max_iter = 5
   return c

@@ -42,6 +42,7 @@ from puma_jax.datasets import input_pipeline
 from puma_jax.progress import Progress
 
 PGD_STAGES = ('clean', 'pgd_ce', 'pgd_cw')
+STANDARD_BUDGETS = {'apgd_steps': 100, 'fab_steps': 100, 'num_targets': 9, 'square_queries': 5000}
 FORMAT_VERSION = 1
 
 
@@ -384,6 +385,9 @@ def evaluate_workdir(
   ev = config.eval
   if ev.autoattack not in ('standard', 'none'):
     raise ValueError(f"eval.autoattack={ev.autoattack!r} is not 'standard' or 'none'")
+  budgets = dict(ev.autoattack_budgets)
+  # Only budgets that differ from AutoAttack's own are recorded as overrides.
+  budgets = {k: v for k, v in budgets.items() if STANDARD_BUDGETS[k] != v}
   return evaluate(
     model,
     variables,
@@ -396,7 +400,9 @@ def evaluate_workdir(
     pgd_steps=ev.pgd_steps,
     step_size=config.attack.step_size,
     use_autoattack=ev.autoattack == 'standard',
-    chunk_size=ev.get('autoattack_chunk_size') or None,
+    chunk_size=ev.autoattack_chunk_size or None,
+    autoattack_budgets=budgets or None,
+    recompute=ev.recompute,
     seed=config.seed,
     mesh=mesh,
     model_name=model_name,

@@ -18,7 +18,6 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from puma_jax import datasets, margins, models, parallel, pruning, report, stages, train
-from puma_jax.datasets import sidecar
 
 STAGES = ('prepare', 'margin_model', 'margins', 'prune', 'train', 'evaluate', 'report')
 MARGIN_MODEL_SOURCES = ('train', 'checkpoint', 'torch_npz')
@@ -53,12 +52,19 @@ STAGE_DEFS = {
   ),
   'margins': stages.Stage(
     'margins',
-    ('margins.norm', 'margins.num_candidates', 'margins.overshoot', 'margins.max_iter', 'margins.clip'),
+    (
+      'margins.norm',
+      'margins.num_candidates',
+      'margins.overshoot',
+      'margins.max_iter',
+      'margins.clip',
+    ),
   ),
   'prune': stages.Stage('prune', ('prune', 'attack.eps', 'seed')),
   'train': stages.Stage('train', _TRAIN_FIELDS),
   'evaluate': stages.Stage(
-    'evaluate', ('attack.norm', 'attack.eps', 'eval.num_examples', 'eval.pgd_steps', 'eval.autoattack')
+    'evaluate',
+    ('attack.norm', 'attack.eps', 'eval.num_examples', 'eval.pgd_steps', 'eval.autoattack'),
   ),
   'report': stages.Stage('report', ()),
 }
@@ -84,6 +90,7 @@ class Context:
     self.mesh = parallel.make_mesh()
     self.fingerprints: dict[str, str] = {}
     self._prepared: datasets.Prepared | None = None
+    self._margin_model: tuple[Any, Any] | None = None
 
   @property
   def data_dir(self) -> Path:
@@ -141,7 +148,13 @@ def run_prepare(ctx: Context) -> dict[str, Any]:
 
 
 def margin_model(ctx: Context) -> tuple[Any, Any]:
-  """The margin model's module and weights, as the config names them."""
+  """The margin model's module and weights, as the config names them (loaded once)."""
+  if ctx._margin_model is None:
+    ctx._margin_model = _load_margin_model(ctx)
+  return ctx._margin_model
+
+
+def _load_margin_model(ctx: Context) -> tuple[Any, Any]:
   cfg = ctx.config
   source, path = cfg.margin_model.source, cfg.margin_model.path
   if source == 'train':
@@ -192,7 +205,13 @@ def run_margins(ctx: Context) -> dict[str, Any]:
     read_threads=cfg.data.read_threads,
     prefetch_batches=cfg.data.prefetch_batches,
   )
-  return {'summary': str(ctx.stage_dir('margins') / 'summary.json'), 'counts': result.counts()}
+  overall = result.summary['overall']
+  return {
+    'summary': str(ctx.stage_dir('margins') / 'summary.json'),
+    'examples': overall['count'],
+    'not_converged': overall['not_converged'],
+    'model_fingerprint': result.settings['model_fingerprint'],
+  }
 
 
 def _load_margins(ctx: Context) -> dict[str, np.ndarray]:
@@ -254,12 +273,16 @@ def run_evaluate(ctx: Context) -> dict[str, Any]:
     model,
     variables,
     ctx.prepared().real_test,
-    ctx.stage_dir('evaluate'),
+    ctx.stage_dir('evaluate') / 'results',
     mesh=ctx.mesh,
     model_name=cfg.model.name,
     num_generated=_num_generated_used(ctx),
+    model_fingerprint=margins.model_fingerprint(variables),
   )
-  return {'report': str(ctx.stage_dir('evaluate') / 'report.json'), 'summary': rep}
+  if jax.process_index() == 0:
+    stages.atomic_write_json(ctx.stage_dir('evaluate') / 'report.json', rep)
+  keys = ('clean_acc', 'pgd_ce_acc', 'pgd_cw_acc', 'autoattack_acc', 'worst_case_acc')
+  return {k: rep[k] for k in keys}
 
 
 def _num_generated_used(ctx: Context) -> int:

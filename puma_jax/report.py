@@ -42,7 +42,9 @@ def plot_eps_distribution(kept_npz: Path, eps: float, path: Path) -> Path | None
   bins = np.linspace(-eps * 1.05, eps * 1.05, 43)
   for source, values in eps_by_source.items():
     if len(values):
-      ax.hist(np.clip(values, bins[0], bins[-1]), bins=bins, alpha=0.6, label=f'{source} ({len(values)})')
+      ax.hist(
+        np.clip(values, bins[0], bins[-1]), bins=bins, alpha=0.6, label=f'{source} ({len(values)})'
+      )
   ax.axvline(eps, color='k', lw=0.8, ls='--')
   ax.set_xlabel('training radius eps_i')
   ax.set_ylabel('examples')
@@ -81,7 +83,13 @@ def plot_training_curves(curves: dict[str, list[float]], path: Path) -> Path | N
 
 
 def _pct(x: float | None) -> str:
+  """A fraction in [0, 1] as a percentage."""
   return '-' if x is None else f'{100 * x:.2f}%'
+
+
+def _percent(x: float | None) -> str:
+  """A value already in percent (the evaluation report's convention, as RobustBench's)."""
+  return '-' if x is None else f'{x:.2f}%'
 
 
 def _markdown(rep: dict[str, Any], plots: dict[str, str]) -> str:
@@ -140,9 +148,16 @@ def _markdown(rep: dict[str, Any], plots: dict[str, str]) -> str:
     lines.append('')
   ev = rep.get('evaluation')
   if ev:
-    lines += ['## Evaluation (EMA weights, test split)', '', '| metric | accuracy |', '|---|---:|']
+    lines += [
+      '## Evaluation (EMA weights, test split)',
+      '',
+      'Accuracy after each stage; AutoAttack stages are cumulative.',
+      '',
+      '| stage | accuracy |',
+      '|---|---:|',
+    ]
     for key, value in ev.get('accuracies', {}).items():
-      lines.append(f'| {key} | {_pct(value)} |')
+      lines.append(f'| {key} | {_percent(value)} |')
     lines += ['', f'{ev.get("n_examples", "?")} test examples.', '']
   if plots:
     lines += ['## Plots', '']
@@ -158,7 +173,8 @@ def _evaluation_summary(ev: dict[str, Any] | None) -> dict[str, Any] | None:
   accuracies = {'clean': ev.get('clean_acc')}
   for key, value in ev.get('accuracy_after_each_attack', {}).items():
     accuracies[key] = value
-  accuracies['AutoAttack (worst case)'] = ev.get('autoattack_acc')
+  accuracies['AutoAttack'] = ev.get('autoattack_acc')
+  accuracies['worst case over all attacks'] = ev.get('worst_case_acc')
   return {
     'accuracies': {k: v for k, v in accuracies.items() if v is not None},
     'n_examples': ev.get('n_examples'),
@@ -189,7 +205,7 @@ def write_report(config: Any, workdir: str | Path) -> dict[str, Path]:
   rep = {
     'workdir': str(workdir),
     'settings': stages.canonical(config),
-    'margins': (margin_summary or {}).get('sources'),
+    'margins': (margin_summary or {}).get('by_source'),
     'pruning': (prune or {}).get('stats'),
     'training_curves': curves,
     'evaluation': _evaluation_summary(evaluation),
