@@ -12,6 +12,14 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update('jax_num_cpu_devices', 4)
+# Many tests compile the same programs (the same model and attack in several
+# stages); XLA's persistent cache lets them share compilations within a run.
+jax.config.update(
+  'jax_compilation_cache_dir',
+  os.environ.get('PUMA_JAX_TEST_COMPILATION_CACHE', '/tmp/puma_jax_test_compilation_cache'),
+)
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
 @pytest.fixture(scope='session', autouse=True)

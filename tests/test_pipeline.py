@@ -1,0 +1,162 @@
+"""The main job end to end on every config's `:tiny` variant, resume, and config checks."""
+
+import importlib
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from puma_jax import pipeline, stages, train
+from puma_jax.datasets import cifar, image_folder
+
+STAGE_DIRS = ('prepare', 'margin_model', 'margins', 'prune', 'train', 'evaluate', 'report')
+
+
+def _config(name, arg='tiny'):
+  return importlib.import_module(f'configs.{name}').get_config(arg)
+
+
+def _check_complete_run(workdir, config, num_test=None):
+  for name in STAGE_DIRS:
+    if name in ('margin_model', 'margins') and config.prune.strategy in ('none', 'random'):
+      continue
+    assert (workdir / name / 'stage.json').exists(), name
+  report = json.loads((workdir / 'report.json').read_text())
+  ev = report['evaluation_report']
+  assert ev['n_examples'] == (num_test or config.eval.num_examples)
+  assert 0.0 <= ev['worst_case_acc'] <= ev['clean_acc'] <= 100.0
+  assert json.loads((workdir / 'config.json').read_text())['prune'] == dict(config.prune)
+  assert '## Evaluation' in (workdir / 'report.md').read_text()
+  return report
+
+
+@pytest.fixture(scope='module')
+def default_run(tmp_path_factory):
+  """The default config's tiny variant, run once for the tests that inspect it."""
+  workdir = tmp_path_factory.mktemp('default')
+  config = _config('default')
+  pipeline.run(config, workdir)
+  return config, workdir
+
+
+def test_default_tiny_runs_every_stage(default_run):
+  config, workdir = default_run
+  report = _check_complete_run(workdir, config)
+  kept = report['pruning']['kept']
+  assert kept['generated'] == round(0.7 * config.data.generated.num_examples)
+  assert kept['real'] == 4000
+  for png in ('eps_distribution.png', 'training_curves.png', 'margins/margins_by_source.png'):
+    assert (workdir / png).stat().st_size > 1000, png
+
+
+def test_rerun_after_completion_does_no_work(default_run, monkeypatch):
+  config, workdir = default_run
+
+  def must_not_run(ctx):
+    raise AssertionError('a complete stage ran again')
+
+  monkeypatch.setattr(pipeline, 'RUNNERS', {name: must_not_run for name in pipeline.STAGES})
+  pipeline.run(config, workdir)
+
+
+def test_a_changed_setting_is_refused_with_a_way_forward(default_run):
+  config, workdir = default_run
+  changed = _config('default')
+  changed.prune.fraction = 0.5
+  with pytest.raises(stages.ConfigMismatchError) as e:
+    pipeline.run(changed, workdir)
+  assert 'prune.fraction: 0.3 -> 0.5' in str(e.value)
+  assert '--workdir' in str(e.value) and 'delete' in str(e.value)
+  # Fields that do not change results (logging, batch sizes of margins) are free.
+  relaxed = _config('default')
+  relaxed.train.log_every_steps = 7
+  relaxed.margins.batch_size = 32
+  pipeline.run(relaxed, workdir, stage='report')
+
+
+def test_one_stage_needs_its_inputs(tmp_path):
+  with pytest.raises(RuntimeError, match='run it first'):
+    pipeline.run(_config('default'), tmp_path, stage='train')
+
+
+class _Interrupt(Exception):
+  pass
+
+
+def test_train_stage_interrupted_resumes_from_its_checkpoint(default_run, tmp_path, monkeypatch):
+  config, done_workdir = default_run
+  workdir = tmp_path / 'w'
+  # Start from the finished run's data and earlier stages, so only training reruns.
+  pipeline.run(config, workdir, stage='prepare')
+  original = train.train_and_evaluate
+
+  def stop_after_checkpoint(step, state):
+    if step == config.train.checkpoint_every_steps:
+      raise _Interrupt
+
+  def train_stage_stops(cfg, run_dir, **kwargs):
+    if run_dir.name == 'train':  # Not the margin model's run.
+      kwargs['on_step'] = stop_after_checkpoint
+    return original(cfg, run_dir, **kwargs)
+
+  monkeypatch.setattr(train, 'train_and_evaluate', train_stage_stops)
+  with pytest.raises(_Interrupt):
+    pipeline.run(config, workdir)
+  assert not (workdir / 'train' / 'stage.json').exists()
+  ckpts = sorted(p.name for p in (workdir / 'train' / 'checkpoints').iterdir() if p.name.isdigit())
+  assert ckpts == [str(config.train.checkpoint_every_steps)]
+
+  monkeypatch.setattr(train, 'train_and_evaluate', original)
+  pipeline.run(config, workdir)
+  _check_complete_run(workdir, config)
+  steps = [row['step'] for row in map(json.loads, (workdir / 'train' / 'metrics.jsonl').open())]
+  assert steps == sorted(steps) and steps[-1] == config.train.num_steps
+  # The resumed run ends where the uninterrupted one did.
+  a = json.loads((done_workdir / 'train' / 'stage.json').read_text())['outputs']
+  b = json.loads((workdir / 'train' / 'stage.json').read_text())['outputs']
+  assert a == b
+
+
+def _cifar_tiny(tmp_path, monkeypatch):
+  from test_datasets_cifar import make_archive  # The tests' fake archive writer.
+
+  expected = make_archive(tmp_path / 'archives', 'cifar10')
+  monkeypatch.setitem(cifar.EXPECTED_OVERRIDE, 'cifar10', expected['checksum'])
+  rng = np.random.default_rng(0)
+  npz = tmp_path / '1m.npz'
+  np.savez(
+    npz,
+    image=rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8),
+    label=rng.integers(0, 10, 64),
+  )
+  config = _config('cifar10_wrn28_10', 'puma,tiny')
+  config.data.real.archive_dir = str(tmp_path / 'archives')
+  config.data.generated.path = str(npz)
+  return config
+
+
+def test_cifar_recipe_tiny_end_to_end(tmp_path, monkeypatch):
+  config = _cifar_tiny(tmp_path, monkeypatch)
+  pipeline.run(config, tmp_path / 'w')
+  # The fake archive has 3 test images; 30% of the 64 generated ones are pruned.
+  report = _check_complete_run(tmp_path / 'w', config, num_test=3)
+  assert report['pruning']['kept']['generated'] == 45
+
+
+def test_imagenet_tiny_end_to_end(tmp_path):
+  rng = np.random.default_rng(0)
+  src = tmp_path / 'src'
+  for c in ('n001', 'n002', 'n003'):
+    (src / c).mkdir(parents=True)
+    for i in range(14):
+      Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(
+        src / c / f'{c}_{i}.JPEG'
+      )
+  config = _config('imagenet21k')
+  settings = image_folder.Settings(resolution=16, test_per_class=4, train_shards=2, test_shards=1)
+  image_folder.convert(src, tmp_path / 'tfds', config.data.real.name, settings, workers=0)
+  config.data.data_dir = str(tmp_path / 'tfds')
+  config.eval.num_examples = 12
+  pipeline.run(config, tmp_path / 'w')
+  _check_complete_run(tmp_path / 'w', config)
