@@ -99,8 +99,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   ap.add_argument(
     '--out',
     default='',
-    help='folder for bench_eval.json, bench_eval.md and the exchanged .npz files '
-    '(empty: a temporary folder, removed at the end)',
+    help='folder for bench_eval.json, bench_eval.md, flags.npz (per-example flags of every '
+    "run) and exchange/ (the peer's .npz files); empty: print only",
   )
   ap.add_argument(
     '--threads',
@@ -773,12 +773,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   report['loadavg_end'] = _loadavg()
   text = render(report)
   print(text, flush=True)
+  flags = {f'jax_{b}': f for b, f in jax_flags.items()}
   for row in report['rows']:
-    row['robust_count'] = int(np.sum(row.pop('robust_final')))
+    final = row.pop('robust_final')
+    row['robust_count'] = int(np.sum(final))
+    if row['side'] != 'jax':
+      flags[f'{row["side"]}_{row["budget"]}'] = final
   if out_dir is not None:
+    save_npz(out_dir / 'flags.npz', **flags)
     stages.atomic_write_json(out_dir / 'bench_eval.json', report)
     stages.atomic_write_text(out_dir / 'bench_eval.md', text + '\n')
-    log(f'wrote {out_dir / "bench_eval.json"} and bench_eval.md')
+    log(f'wrote bench_eval.json, bench_eval.md and flags.npz to {out_dir}')
   return report
 
 
