@@ -106,7 +106,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval.pgd_steps = 20
   c.eval.autoattack = 'standard'  # standard | none
   # Rows of still-robust examples attacked together per device (0: the whole slice).
-  c.eval.autoattack_chunk_size = 0
+  c.eval.autoattack_chunk_size = 25
   # AutoAttack's budgets; only these defaults are AutoAttack "standard".
   c.eval.autoattack_budgets = ml_collections.ConfigDict()
   c.eval.autoattack_budgets.apgd_steps = 100
