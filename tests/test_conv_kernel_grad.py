@@ -32,9 +32,9 @@ def _inputs(batch, size, k, strides, padding, cin=3, cout=4, seed=0):
 @pytest.mark.parametrize(
   'batch,size,k,strides,padding',
   [
-    (17, 32, 3, (1, 1), ((1, 1), (1, 1))),  # 1024 positions per image: 17 chunks of 1
-    (12, 16, 3, (1, 1), ((1, 1), (1, 1))),  # 3 chunks of 4
-    (11, 16, 3, (1, 1), ((1, 1), (1, 1))),  # 3 chunks of 4, the last padded with a zero example
+    (17, 32, 3, (1, 1), ((1, 1), (1, 1))),  # 1024 positions per image: one image per chunk
+    (12, 8, 3, (1, 1), ((1, 1), (1, 1))),  # a few images per chunk
+    (21, 4, 3, (1, 1), ((1, 1), (1, 1))),  # the last chunk filled up with zero images
     (6, 16, 3, (2, 2), ((0, 1), (0, 1))),  # WRN downsampling conv (TF 'SAME')
     (5, 8, 3, (2, 2), ((0, 0), (0, 0))),  # the last input row is never read: cropped
     (5, 9, 5, (3, 2), ((2, 1), (0, 2))),

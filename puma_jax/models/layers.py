@@ -14,7 +14,7 @@ accelerators it costs the same.
 The kernel gradient (training's backward pass) is JAX's rule on accelerators. On
 CPU, JAX's rule, one conv that contracts over the whole batch with an image-sized
 window, ran at a third of the forward conv's speed on the benchmark CPU; `conv2d`
-sums the same conv over chunks of the batch in a loop instead (about 1024 output
+sums the same conv over chunks of the batch in a loop instead (about 256 output
 positions per chunk), and writes a 1x1 kernel's gradient as a matrix product,
 which brings it to the forward conv's speed (`_kernel_grad_cpu`). The choice is
 made when the program is lowered for its platform (`lax.platform_dependent`). When
@@ -96,9 +96,11 @@ def _kernel_grad_xla(x, g, kernel, *, strides, padding):
   return jax.vjp(lambda k: _conv(x, k, strides, padding), kernel)[1](g)[0]
 
 
-# Output positions (batch x Ho x Wo) per chunk of the CPU kernel gradient; 512-2048 were
-# equally fast for the convs of the small CNN, PreAct ResNet-18 and WRN on the benchmark CPU.
-_KERNEL_GRAD_ROWS = 1024
+# Output positions (batch x Ho x Wo) per chunk of the CPU kernel gradient. On the benchmark
+# CPU, 64-512 were about equally fast for the PreAct ResNet-18's convs at batch 128; 1024 and
+# more were slower on its 8x8 and 4x4 maps (4x4, 512 channels: 74-80 GFLOP/s at 64-256
+# positions, 52 at 1024, 29 at 2048).
+_KERNEL_GRAD_ROWS = 256
 
 
 def _kernel_grad_cpu(x, g, kernel, *, strides, padding):
