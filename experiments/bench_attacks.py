@@ -1,32 +1,41 @@
-"""DeepFool in JAX against the PyTorch peers: same weights, same inputs, same run.
+"""DeepFool and adversarial-training steps in JAX against the PyTorch peers, same run.
 
 Loads the models, weights and inputs that the peer benchmark exports
 (../shared/peers/peer_bench.py: weights_<model>.npz, inputs.npz, labels, margins,
-iteration counts, FLOP counts in results.json), runs `puma_jax.attacks.deepfool`
-(L2, overshoot 0.02, 50 iterations, 10 candidates, iterates clipped to [0, 1])
-and, interleaved with it, the peers' DeepFool in a subprocess of the peer
-virtualenv (experiments/bench_attacks_peer.py imports their code). It prints
-samples/s side by side, the agreement of the margins in the peers' definition
-(||clip(final iterate) - x||_2, overshoot included, i.e. ||perturbation||_2), the
-fraction of the FLOP floor reached, and CPU utilisation of every timed run.
+iteration counts, FLOP counts in results.json) and times, alternating with the
+peers' own code in a worker process of the peer virtualenv
+(experiments/bench_attacks_peer.py imports their code):
 
-Setup (once), then the benchmark:
+* `deepfool`: `puma_jax.attacks.deepfool` (L2, overshoot 0.02, 50 iterations, 10
+  candidates, iterates clipped to [0, 1]) against the peers' batched DeepFool:
+  samples/s, the agreement of the margins in the peers' definition
+  (||clip(final iterate) - x||_2, overshoot included, i.e. ||perturbation||_2);
+* `train`: our real train step (`puma_jax.train.make_jit_train_step`: jit, state
+  replicated and donated, batch split over the ('data',) mesh) for PGD-AT and
+  TRADES, configured like the peers' steps (Linf eps 8/255, 10 steps of 2/255,
+  SGD lr 0.1 momentum 0.9 weight decay 5e-4, TRADES beta 6), against the peers'
+  `pgd_at_step` / `trades_step` at batch 128: examples/s, examples per CPU-second;
+* `conv_grads`: each conv of the models at the train batch, forward against its
+  kernel gradient by JAX's rule and by `layers.conv2d` (GFLOP/s of CPU time).
+
+Every timed run records its CPU utilisation; rates are also given as a fraction of
+the FLOP floor (the peers' FLOP counts at the GEMM peak).
+
+Setup (once), then the benchmark (about 15 minutes on 2 quiet cores):
 
   bash ../shared/peers/setup_venv.sh /work/peers-venv
   /work/peers-venv/bin/python ../shared/peers/peer_bench.py --out /work/peers_out \\
       --impls clean --sections deepfool --repeats 1 --skip-fp64 --skip-default-usage
   PYTHONPATH=. python experiments/bench_attacks.py --artifacts /work/peers_out \\
-      --peers-dir ../shared/peers --peer-python /work/peers-venv/bin/python
-
-The adversarial-training step rows (PGD-AT, TRADES) call `puma_jax.steps` when
-that module exists (see `train_step_rows`); until then the script times the JAX
-attack part of those steps and the peers' whole steps, labelled as such.
+      --peers-dir ../shared/peers --peer-python /work/peers-venv/bin/python \\
+      [--sections deepfool,train,conv_grads] [--models small_cnn,preact_resnet18]
 """
 
 import argparse
 import functools
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -36,8 +45,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from puma_jax import models
-from puma_jax.attacks import deepfool, losses, pgd, trades_perturb
+from puma_jax import config_base, models, parallel, steps, train
+from puma_jax.attacks import deepfool
+from puma_jax.models import layers
 
 # The peer models as configurations of ours.
 MODEL_KWARGS = {
@@ -48,6 +58,8 @@ MODEL_KWARGS = {
 }
 DEEPFOOL = dict(norm='l2', num_candidates=10, overshoot=0.02, max_iter=50, clip=(0.0, 1.0))
 NUM_CLASSES = 10
+SECTIONS = ('deepfool', 'train', 'conv_grads')
+CORES = len(os.sched_getaffinity(0))  # what this process may run on (taskset included)
 
 
 def log(*a):
@@ -95,7 +107,7 @@ def timed(fn):
   c0, t0 = time.process_time(), time.perf_counter()
   out = jax.block_until_ready(fn())
   wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-  return out, {'wall_s': wall, 'cpu_util': cpu / (wall * os.cpu_count())}
+  return out, {'wall_s': wall, 'cpu_util': cpu / (wall * CORES)}
 
 
 def summarize(runs, work):
@@ -210,77 +222,240 @@ def bench_deepfool(name, args, peer, peak, recorded):
   return out
 
 
-def train_step_rows(name, args, peer):
-  """PGD-AT and TRADES rows. Uses puma_jax.steps when it exists (written on its own branch).
+# The peers' training steps (../shared/peers/README.md, "Adversarial-training steps"):
+# Linf eps 8/255, 10 steps of 2/255 (0.25 relative), SGD lr 0.1, momentum 0.9, weight decay
+# 5e-4, TRADES beta 6, no label smoothing. Everything else is our config schema's default.
+TRAIN_OVERRIDES = {
+  'attack.norm': 'linf',
+  'attack.eps': 8 / 255,
+  'attack.num_steps': 10,
+  'attack.step_size': 0.25,
+  'train.trades_beta': 6.0,
+  'train.label_smoothing': 0.0,
+  'train.learning_rate': 0.1,
+  'train.momentum': 0.9,
+  'train.nesterov': False,
+  'train.weight_decay': 5e-4,
+  'train.warmup_steps': 0,
+  'train.num_steps': 100_000,
+}
+TRAIN_KINDS = ('pgd_at', 'trades')
+# Work our step does that the peers' does not, as a fraction of the peers' step FLOPs
+# (conv/matmul only): PGD-AT's clean-accuracy metric runs one eval-mode forward of the
+# clean batch. Both steps also keep an EMA of the weights and BatchNorm statistics and
+# check the loss and gradients for non-finite values (elementwise, no FLOPs counted).
+EXTRA_FORWARDS = {'pgd_at': 1, 'trades': 0}
 
-  Until then this times the JAX attack part of each step (10 steps of PGD on the
-  cross-entropy / of the TRADES KL at batch `--train-batch`, eps 8/255, steps 2/255)
-  and the peers' whole training steps; the two are not like for like.
+
+def train_config(kind: str, batch_size: int):
+  """Our config schema (puma_jax.config_base) set up like the peers' `kind` step."""
+  config = config_base.get_base_config()
+  for path, value in {
+    **TRAIN_OVERRIDES,
+    'train.loss': kind,
+    'train.batch_size': batch_size,
+  }.items():
+    section, field = path.split('.')
+    config[section][field] = value
+  return config
+
+
+def train_step_rows(name, args, peer, recorded):
+  """The real JAX train step (puma_jax.train.make_jit_train_step) and the peers' steps.
+
+  PGD-AT and TRADES on the exported weights and the first `--train-batch` inputs and
+  labels, every example with eps 8/255. Our step is jitted as in training: the state
+  replicated on the mesh and donated, the batch split over its 'data' axis. Each timed
+  call is one step (compiled and warmed up first); JAX and peer steps alternate.
   """
-  try:
-    from puma_jax import steps  # noqa: F401
-  except ImportError:
-    steps = None
-  if steps is not None:
-    # Hook: build the train state from the imported weights and time
-    # steps.train_step for loss='pgd_at' and loss='trades' here, like the attack rows below.
-    log('  puma_jax.steps exists: add its train_step rows in train_step_rows()')
   kw = MODEL_KWARGS[name]
   model = models.create(name, num_classes=NUM_CLASSES, **kw)
   variables = models.import_torch_npz(
     name, os.path.join(args.artifacts, f'weights_{name}.npz'), **kw
   )
+  mesh = parallel.make_mesh(jax.devices()[: args.mesh_devices or None])
   inputs = np.load(os.path.join(args.artifacts, 'inputs.npz'))
-  xb = jnp.asarray(inputs['x_nhwc'][: args.train_batch])
-  yb = jnp.asarray(inputs['train_labels'][: args.train_batch].astype(np.int32))
-  eps = jnp.full((args.train_batch,), 8 / 255, jnp.float32)
-  logits_fn = lambda v, z: model.apply(v, z, train=False)
-  attacks = {
-    'pgd_at_attack_only': jax.jit(
-      lambda v, k, x, y, e: pgd(
-        lambda z, t: losses.cross_entropy(logits_fn(v, z), t),
-        k,
-        x,
-        y,
-        e,
-        norm='linf',
-        num_steps=10,
-        step_size=0.25,
-      )
-    ),
-    'trades_attack_only': jax.jit(
-      lambda v, k, x, y, e: trades_perturb(
-        functools.partial(logits_fn, v), k, x, e, norm='linf', num_steps=10, step_size=0.25
-      )
-    ),
+  b = args.train_batch
+  batch = {
+    'image': inputs['x_nhwc'][:b],
+    'label': inputs['train_labels'][:b].astype(np.int32),
+    'index': np.arange(b, dtype=np.int32),
+    'source': np.zeros(b, np.int32),
+    'eps': np.full(b, 8 / 255, np.float32),
   }
-  rows = {}
-  key = jax.random.key(0)
-  for kind, fn in attacks.items():
-    jax.block_until_ready(fn(variables, key, xb, yb, eps))
-    ts = [timed(lambda fn=fn: fn(variables, key, xb, yb, eps))[1] for _ in range(args.repeats)]
-    rows[f'jax_{kind}'] = summarize(ts, args.train_batch)
-    log(f'  jax {kind}: {rows[f"jax_{kind}"]["rate_median"]:.2f} examples/s')
-  if peer is not None:
-    for kind in ('pgd_at', 'trades'):
-      ts = [
-        peer(cmd='train', model=name, kind=kind, batch=args.train_batch)
-        for _ in range(args.repeats)
-      ]
-      rows[f'peer_{kind}_full_step'] = summarize(ts, args.train_batch)
-      log(
-        f'  peer {kind} full step: {rows[f"peer_{kind}_full_step"]["rate_median"]:.2f} examples/s'
+  batch = parallel.shard_batch(batch, mesh)
+  rng = jax.random.key(0)
+  flops = recorded['models'][name]
+
+  jit_steps, states = {}, {}
+  for kind in TRAIN_KINDS:
+    config = train_config(kind, b)
+    tx, schedule = train.make_optimizer(config)
+    state = steps.create_train_state(jax.random.key(0), model, tx, batch['image'].shape[1:])
+    stats = variables.get('batch_stats', {})
+    state = state.replace(
+      params=variables['params'],
+      batch_stats=stats,
+      opt_state=tx.init(variables['params']),
+      ema_params=variables['params'],
+      ema_batch_stats=stats,
+    )
+    states[kind] = parallel.replicate(state, mesh)
+    jit_steps[kind] = train.make_jit_train_step(config, model, tx, schedule, mesh)
+    t0 = time.perf_counter()
+    states[kind], metrics = jit_steps[kind](states[kind], batch, rng)  # compile + one step
+    jax.block_until_ready(metrics)
+    log(
+      f'  jax {kind} on {parallel.num_shards(mesh)} device(s): compiled and warmed up in '
+      f'{time.perf_counter() - t0:.1f} s (loss {float(metrics["loss"]):.3f})'
+    )
+
+  runs = {f'{who}_{kind}': [] for kind in TRAIN_KINDS for who in ('jax', 'peer')}
+  for rep in range(args.train_repeats):  # interleaved: JAX, peer, JAX, peer, ...
+    for kind in TRAIN_KINDS:
+
+      def one_step(kind=kind):
+        states[kind], metrics = jit_steps[kind](states[kind], batch, rng)
+        return metrics
+
+      _, t = timed(one_step)
+      runs[f'jax_{kind}'].append(t)
+      log(f'  rep {rep} jax {kind}: {b / t["wall_s"]:.2f} examples/s (cpu {t["cpu_util"]:.2f})')
+      if peer is not None:
+        t = peer(cmd='train', model=name, kind=kind, batch=b)
+        runs[f'peer_{kind}'].append(t)
+        log(f'  rep {rep} peer {kind}: {b / t["wall_s"]:.2f} examples/s (cpu {t["cpu_util"]:.2f})')
+
+  if args.train_breakdown:
+    # The inner maximisation alone, jitted on its own (same inputs, radii and settings);
+    # the rest of the step (train-mode passes, weight gradients, SGD, EMA) is the difference.
+    eval_vars = jax.device_get(states['pgd_at'].variables())
+    for kind in TRAIN_KINDS:
+      attack = jax.jit(
+        functools.partial(
+          steps.adversarial_inputs,
+          lambda x: model.apply(eval_vars, x, train=False),
+          loss=kind,
+          norm='linf',
+          num_steps=10,
+          step_size=0.25,
+        )
       )
+      jax.block_until_ready(attack(rng, batch))
+      runs[f'jax_{kind}_attack_only'] = [
+        timed(lambda attack=attack: attack(rng, batch))[1] for _ in range(args.train_repeats)
+      ]
+      log(f'  jax {kind} attack only: {b / runs[f"jax_{kind}_attack_only"][0]["wall_s"]:.2f}/s')
+
+  rows = {'mesh_devices': parallel.num_shards(mesh)}
+  for key, rs in runs.items():
+    if not rs:
+      continue
+    kind = key.split('_', 1)[1].removesuffix('_attack_only')
+    step_flops = flops[f'{kind}_step_flops_per_example']
+    row = summarize(rs, b)
+    row['floor_examples_per_s'] = args.peak_gflops * 1e9 / step_flops
+    row['fraction_of_floor'] = row['rate_median'] / row['floor_examples_per_s']
+    # Examples per second of CPU time the process actually got: the comparison that
+    # survives other jobs on the machine (see the README's DeepFool section).
+    cores = CORES if key.startswith('jax') else args.threads
+    row['examples_per_cpu_s'] = [b / (r['wall_s'] * r['cpu_util'] * cores) for r in rs]
+    if key == f'jax_{kind}':
+      row['extra_flops_fraction'] = EXTRA_FORWARDS[kind] * flops['fwd'] / step_flops
+    rows[key] = row
   return rows
 
 
-def render(report) -> str:
+def _conv_eqns(jaxpr):
+  """The conv_general_dilated equations of a jaxpr, nested ones (custom_vjp) included."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'conv_general_dilated':
+      yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, tuple | list) else (value,):
+        sub = getattr(sub, 'jaxpr', sub)
+        if hasattr(sub, 'eqns'):
+          yield from _conv_eqns(sub)
+
+
+def _kernel_grad_fn(conv):
+  """jit((x, kernel, g) -> d<g, conv(x, kernel)>/d kernel)."""
+  return jax.jit(lambda x, k, g: jax.vjp(lambda k: conv(x, k), k)[1](g)[0])
+
+
+def conv_grad_rows(name, args):
+  """Kernel gradients of each distinct conv of the model at the train batch, two ways.
+
+  JAX's own rule (`jax.vjp` of `lax.conv_general_dilated` with respect to the kernel)
+  against `layers.conv2d`'s (on CPU: summed over batch chunks, 1x1 kernels as a matrix
+  product), each beside the forward conv. GFLOP/s from the process CPU time, best of
+  `--train-repeats`, so other jobs on the machine distort it less than wall time.
+  """
+  kw = MODEL_KWARGS[name]
+  model = models.create(name, num_classes=NUM_CLASSES, **kw)
+  b = args.train_batch
+  x = jax.ShapeDtypeStruct((b, 32, 32, 3), jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+  jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x).jaxpr
+  shapes = {}
+  for eqn in _conv_eqns(jaxpr):
+    lhs, rhs = (v.aval.shape for v in eqn.invars)
+    strides = tuple(eqn.params['window_strides'])
+    padding = tuple(tuple(p) for p in eqn.params['padding'])
+    shapes.setdefault((lhs, rhs, strides, padding), 0)
+    shapes[(lhs, rhs, strides, padding)] += 1
+
+  def cpu_best(fn, *a):
+    jax.block_until_ready(fn(*a))
+    best = float('inf')
+    for _ in range(args.train_repeats):
+      c0 = time.process_time()
+      jax.block_until_ready(fn(*a))
+      best = min(best, time.process_time() - c0)
+    return best
+
+  rows = []
+  rs = np.random.default_rng(0)
+  for (lhs, rhs, strides, padding), count in shapes.items():
+    xs = jnp.asarray(rs.standard_normal(lhs, np.float32))
+    kernel = jnp.asarray(rs.standard_normal(rhs, np.float32))
+    conv = functools.partial(
+      jax.lax.conv_general_dilated,
+      window_strides=strides,
+      padding=padding,
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    )
+    g = jnp.asarray(rs.standard_normal(conv(xs, kernel).shape, np.float32))
+    flops = 2 * g.size * rhs[0] * rhs[1] * rhs[2]
+    ours = functools.partial(layers.conv2d, strides=strides, padding=padding)
+    t = {
+      'forward': cpu_best(jax.jit(conv), xs, kernel),
+      'kernel_grad_jax_rule': cpu_best(_kernel_grad_fn(conv), xs, kernel, g),
+      'kernel_grad_layers': cpu_best(_kernel_grad_fn(ours), xs, kernel, g),
+    }
+    row = {
+      'input': lhs,
+      'kernel': rhs,
+      'strides': strides,
+      'padding': padding,
+      'count': count,
+      'gflop': flops / 1e9,
+    }
+    row.update({f'{k}_cpu_s': v for k, v in t.items()})
+    rows.append(row)
+    log(
+      f'  {name} conv {lhs} x {rhs} stride {strides}: GFLOP/s (CPU time) '
+      + ', '.join(f'{k} {flops / v / 1e9:.0f}' for k, v in t.items())
+    )
+  return rows
+
+
+def _rate(row) -> str:
+  return f'{row["rate_median"]:.2f} [{row["rate_worst"]:.2f}, {row["rate_best"]:.2f}]'
+
+
+def render_deepfool(report) -> list[str]:
   lines = [
-    f'GEMM peak used for the floors: {report["peak_gflops"]:.0f} GFLOP/s (this run: numpy '
-    f'{report["gemm"]["numpy"]:.0f}, torch {report["gemm"].get("torch", float("nan")):.0f}; '
-    f'recorded with the artifacts: {report["gemm"]["recorded_with_artifacts"]:.0f}); '
-    f'load average at the end {tuple(round(v, 1) for v in report["loadavg_end"])}',
-    '',
     '| model | implementation | samples/s median | [worst, best] | % of floor | min CPU util '
     '| median rel diff vs peer clean | within atol 3e-4 rtol 1e-3 |',
     '|---|---|---:|---|---:|---:|---:|---:|',
@@ -297,12 +472,115 @@ def render(report) -> str:
     best_jax = max(r['rate_median'] for r in d['jax'].values())
     for key, row in d['peer'].items():
       lines.append(f'\n{name}: best JAX / {key} = {best_jax / row["rate_median"]:.2f}x')
-  for name, rows in report.get('train', {}).items():
-    lines.append(f'\n| {name} train rows | examples/s median | [worst, best] |\n|---|---:|---|')
-    for key, row in rows.items():
+  return lines
+
+
+def render_train(report) -> list[str]:
+  cfg = report['config']
+  lines = [
+    f'Adversarial-training steps: batch {cfg["train_batch"]}, Linf eps 8/255, 10 attack '
+    'steps of 2/255, SGD lr 0.1 momentum 0.9 weight decay 5e-4, TRADES beta 6; '
+    f'{cfg["train_repeats"]} timed steps each, JAX and PyTorch alternating.',
+    '',
+    '| model | step | JAX examples/s median [worst, best] | PyTorch examples/s | JAX / PyTorch '
+    '| examples per CPU-second, JAX vs PyTorch (ratio) | % of FLOP floor, JAX / PyTorch '
+    '| min CPU util, JAX / PyTorch |',
+    '|---|---|---:|---:|---:|---:|---:|---:|',
+  ]
+  notes = []
+  for name, rows in report['train'].items():
+    for kind in TRAIN_KINDS:
+      j, p = rows[f'jax_{kind}'], rows.get(f'peer_{kind}')
+      j_cpu = statistics.median(j['examples_per_cpu_s'])
+      if p is None:
+        lines.append(
+          f'| {name} | {kind} | {_rate(j)} | - | - | {j_cpu:.1f} | '
+          f'{100 * j["fraction_of_floor"]:.0f}% | {j["cpu_util_min"]:.2f} |'
+        )
+      else:
+        p_cpu = statistics.median(p['examples_per_cpu_s'])
+        lines.append(
+          f'| {name} | {kind} | {_rate(j)} | {_rate(p)} | '
+          f'{j["rate_median"] / p["rate_median"]:.2f}x | {j_cpu:.1f} vs {p_cpu:.1f} '
+          f'({j_cpu / p_cpu:.2f}x) | {100 * j["fraction_of_floor"]:.0f}% / '
+          f'{100 * p["fraction_of_floor"]:.0f}% | {j["cpu_util_min"]:.2f} / '
+          f'{p["cpu_util_min"]:.2f} |'
+        )
+      if f'jax_{kind}_attack_only' in rows:
+        a_cpu = statistics.median(rows[f'jax_{kind}_attack_only']['examples_per_cpu_s'])
+        notes.append(
+          f'{name} {kind}: the JAX attack alone takes {100 * j_cpu / a_cpu:.0f}% of the '
+          "step's CPU time, the update (train-mode passes, weight gradients, SGD, EMA) the "
+          'rest (medians).'
+        )
+    floors = ', '.join(
+      f'{kind} {rows[f"jax_{kind}"]["floor_examples_per_s"]:.1f}' for kind in TRAIN_KINDS
+    )
+    notes.append(
+      f'{name}: FLOP floor at {report["peak_gflops"]:.0f} GFLOP/s: {floors} examples/s; '
+      f'mesh of {rows["mesh_devices"]} device(s).'
+    )
+  extra = {
+    kind: rows[f'jax_{kind}']['extra_flops_fraction']
+    for rows in report['train'].values()
+    for kind in TRAIN_KINDS
+  }
+  notes.append(
+    "Our step does strictly more work than the peers': PGD-AT also runs one eval-mode "
+    f'forward pass of the clean batch for its clean-accuracy metric (+{100 * extra["pgd_at"]:.1f}% '
+    "of the step's FLOPs); both steps also update an EMA of the weights and BatchNorm "
+    'statistics and keep the last state on a non-finite loss (elementwise work). TRADES does '
+    "the same passes as the peers' (clean eval forward once, 10 attack steps, two "
+    'train-mode forward and backward passes). Examples per CPU-second divide by the cores '
+    'each process actually used: the fairer comparison while other jobs share the CPU.'
+  )
+  return lines + [''] + notes
+
+
+def render_conv_grads(report) -> list[str]:
+  lines = [
+    'Kernel gradients of the convs at the train batch, GFLOP/s from CPU time (best of the '
+    "repeats): forward conv, JAX's rule, layers.conv2d.",
+    '',
+    '| model | input | kernel | stride | count | forward | kernel grad, JAX rule '
+    '| kernel grad, layers | speed-up |',
+    '|---|---|---|---|---:|---:|---:|---:|---:|',
+  ]
+  for name, rows in report['conv_grads'].items():
+    total_jax = total_layers = 0.0
+    for r in rows:
+      gf = lambda k, r=r: r['gflop'] / r[f'{k}_cpu_s']
+      total_jax += r['count'] * r['kernel_grad_jax_rule_cpu_s']
+      total_layers += r['count'] * r['kernel_grad_layers_cpu_s']
       lines.append(
-        f'| {key} | {row["rate_median"]:.2f} | [{row["rate_worst"]:.2f}, {row["rate_best"]:.2f}] |'
+        f'| {name} | {r["input"]} | {r["kernel"]} | {r["strides"]} | {r["count"]} | '
+        f'{gf("forward"):.0f} | {gf("kernel_grad_jax_rule"):.0f} | '
+        f'{gf("kernel_grad_layers"):.0f} | '
+        f'{r["kernel_grad_jax_rule_cpu_s"] / r["kernel_grad_layers_cpu_s"]:.1f}x |'
       )
+    lines.append(
+      f'| {name} | all kernel gradients of one backward pass | | | | | '
+      f'{total_jax:.2f} s | {total_layers:.2f} s | {total_jax / total_layers:.1f}x |'
+    )
+  return lines
+
+
+def render(report) -> str:
+  lines = [
+    f'GEMM peak used for the floors: {report["peak_gflops"]:.0f} GFLOP/s (this run: numpy '
+    f'{report["gemm"]["numpy"]:.0f}, torch {report["gemm"].get("torch", float("nan")):.0f}; '
+    f'recorded with the artifacts: {report["gemm"]["recorded_with_artifacts"]:.0f}); '
+    f'load average at the end {tuple(round(v, 1) for v in report["loadavg_end"])}',
+    f'This run: {report["wall_s"]:.0f} s wall; CPU time {report["cpu_s"]["jax_process"]:.0f} s '
+    f'(JAX process) + {report["cpu_s"]["peer_worker"]:.0f} s (PyTorch worker).',
+  ]
+  for section, fn in (
+    ('deepfool', render_deepfool),
+    ('train', render_train),
+    ('conv_grads', render_conv_grads),
+  ):
+    if section in report:
+      lines += ['', *fn(report)]
   return '\n'.join(lines)
 
 
@@ -323,12 +601,45 @@ def main():
     '--peer-impls', default='clean_tuned', help='comma list: clean_tuned,clean,foolbox'
   )
   ap.add_argument('--threads', type=int, default=2, help='torch threads in the peer worker')
-  ap.add_argument('--train', action='store_true', help='also the PGD-AT / TRADES rows')
+  ap.add_argument(
+    '--sections',
+    default=','.join(SECTIONS),
+    help=f'comma list of {",".join(SECTIONS)}: DeepFool margins, the PGD-AT / TRADES train '
+    'steps, and the micro-benchmark of conv kernel gradients',
+  )
+  # Older command lines asked for the train rows with --train; they are now a section.
+  ap.add_argument('--train', action='store_true', help=argparse.SUPPRESS)
   ap.add_argument('--train-batch', type=int, default=128)
+  ap.add_argument(
+    '--train-repeats', type=int, default=3, help='timed train steps (and conv repeats)'
+  )
+  ap.add_argument(
+    '--train-breakdown',
+    action='store_true',
+    help='also time the JAX attack alone, to split the step into attack and update',
+  )
+  ap.add_argument(
+    '--mesh-devices',
+    type=int,
+    default=0,
+    help="devices of the train step's data mesh (0: all of jax.devices())",
+  )
   ap.add_argument('--out', help='write the report as JSON here')
   args = ap.parse_args()
   args.batch_sizes = [int(b) for b in args.batch_sizes.split(',')]
   args.peer_impls = [i for i in args.peer_impls.split(',') if i]
+  args.sections = [x for x in args.sections.split(',') if x] + (['train'] if args.train else [])
+  unknown = sorted(set(args.sections) - set(SECTIONS))
+  if unknown:
+    sys.exit(f'--sections: unknown {unknown}; choose from {",".join(SECTIONS)}')
+  args.models = [m for m in args.models.split(',') if m]
+  unknown = sorted(set(args.models) - set(MODEL_KWARGS))
+  if unknown:
+    sys.exit(f'--models: unknown {unknown}; choose from {",".join(MODEL_KWARGS)}')
+  if args.mesh_devices < 0 or args.mesh_devices > jax.device_count():
+    sys.exit(f'--mesh-devices {args.mesh_devices}: this process has {jax.device_count()} devices')
+  if args.train_batch % (args.mesh_devices or jax.device_count()):
+    sys.exit(f"--train-batch {args.train_batch} must divide over the mesh's devices")
   for f in ('inputs.npz', 'results.json'):
     if not os.path.exists(os.path.join(args.artifacts, f)):
       sys.exit(f'--artifacts {args.artifacts} lacks {f}: run peer_bench.py --out there first')
@@ -340,6 +651,7 @@ def main():
     if not args.peers_dir or not os.path.exists(os.path.join(args.peers_dir, 'peer_bench.py')):
       sys.exit('--peer-python needs --peers-dir, the folder holding peer_bench.py')
     peer = Peer(args.peer_python, args.peers_dir, args.artifacts, args.threads)
+  t_start = time.perf_counter()
   try:
     log(f'jax {jax.__version__} on {jax.devices()}, XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
     gemm = {'numpy': gemm_peak_numpy()}
@@ -349,17 +661,28 @@ def main():
     # fraction of the floor; the peak recorded with the artifacts bounds it from below.
     recorded_peak = recorded.get('cpu_peak', {}).get('peak_used_for_floors_gflops', 0.0)
     gemm['recorded_with_artifacts'] = recorded_peak
-    report = {'gemm': gemm, 'peak_gflops': max(gemm.values()), 'config': vars(args)}
-    report['deepfool'] = {
-      name: bench_deepfool(name, args, peer, report['peak_gflops'], recorded)
-      for name in args.models.split(',')
-    }
-    if args.train:
-      report['train'] = {name: train_step_rows(name, args, peer) for name in args.models.split(',')}
+    args.peak_gflops = max(gemm.values())
+    report = {'gemm': gemm, 'peak_gflops': args.peak_gflops, 'config': vars(args)}
+    if 'deepfool' in args.sections:
+      report['deepfool'] = {
+        name: bench_deepfool(name, args, peer, args.peak_gflops, recorded) for name in args.models
+      }
+    if 'train' in args.sections:
+      log('=== train steps')
+      report['train'] = {name: train_step_rows(name, args, peer, recorded) for name in args.models}
+    if 'conv_grads' in args.sections:
+      log('=== conv kernel gradients')
+      report['conv_grads'] = {name: conv_grad_rows(name, args) for name in args.models}
     report['loadavg_end'] = os.getloadavg()
+    report['wall_s'] = time.perf_counter() - t_start
   finally:
     if peer is not None:
       peer.close()
+  children = resource.getrusage(resource.RUSAGE_CHILDREN)
+  report['cpu_s'] = {
+    'jax_process': time.process_time(),
+    'peer_worker': children.ru_utime + children.ru_stime,
+  }
   print(render(report))
   if args.out:
     tmp = args.out + '.tmp'

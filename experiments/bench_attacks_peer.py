@@ -6,6 +6,9 @@ the JAX benchmark can interleave its runs with the peers' in the same session:
   {"cmd": "load", "model": "small_cnn"}             load weights_<model>.npz
   {"cmd": "deepfool", "model": ..., "impl": "clean_tuned"|"clean"|"foolbox", "n": 256}
   {"cmd": "train", "model": ..., "kind": "pgd_at"|"trades", "batch": 128}
+                                                    one timed step of the peers' own
+                                                    pgd_at_step / trades_step (model and
+                                                    SGD state kept across calls)
   {"cmd": "gemm"}                                   fp32 4096^3 torch.mm GFLOP/s
   {"cmd": "quit"}
 
@@ -39,6 +42,7 @@ def main():
   x_nchw = torch.from_numpy(np.load(os.path.join(args.artifacts, 'inputs.npz'))['x_nchw'])
   y_train = torch.from_numpy(np.load(os.path.join(args.artifacts, 'inputs.npz'))['train_labels'])
   loaded = {}
+  training = {}
 
   def load(name):
     if name not in loaded:
@@ -88,14 +92,20 @@ def main():
       x_adv, reply = timed(functools.partial(fn, xs, ys))
       reply['margins'] = pb.l2_norms(x_adv, x_nchw[:n]).tolist()
     elif cmd == 'train':
-      model, _, _ = load(req['model'])
       step = {'pgd_at': pb.pgd_at_step, 'trades': pb.trades_step}[req['kind']]
-      m = copy.deepcopy(model)
-      opt = pb.make_opt(m)
-      xb, yb = x_nchw[: req['batch']].contiguous(), y_train[: req['batch']].contiguous()
-      torch.manual_seed(123)
-      step(m, opt, xb, yb, steps=1)  # warm-up with the same shapes
-      _, reply = timed(functools.partial(step, m, opt, xb, yb))
+      key = (req['model'], req['kind'], req['batch'])
+      if key not in training:
+        # A copy of the exported weights and its own SGD state, kept across the timed
+        # steps like a training run's; warmed up once, as peer_bench does.
+        m = copy.deepcopy(load(req['model'])[0])
+        opt = pb.make_opt(m)
+        xb, yb = x_nchw[: req['batch']].contiguous(), y_train[: req['batch']].contiguous()
+        torch.manual_seed(123)
+        step(m, opt, xb, yb, steps=1)  # warm-up with the same shapes
+        training[key] = (m, opt, xb, yb)
+      m, opt, xb, yb = training[key]
+      loss, reply = timed(functools.partial(step, m, opt, xb, yb))
+      reply['loss'] = loss
     elif cmd == 'gemm':
       a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
       torch.mm(a, b)

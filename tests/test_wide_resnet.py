@@ -8,7 +8,7 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
 from puma_jax import models
-from puma_jax.models import wide_resnet
+from puma_jax.models import layers, wide_resnet
 
 # A tiny WRN-16-1: group 0 has identity shortcuts (16 -> 16 channels), groups 1 and
 # 2 open with a strided 1x1 projection and continue with identity blocks.
@@ -173,6 +173,17 @@ def test_param_count(depth, width, known):
   assert n == _param_count(depth, width) == known
 
 
+def _all_eqns(jaxpr):
+  """The equations of a jaxpr and of every jaxpr nested in them (custom_vjp, cond, ...)."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, tuple | list) else (value,):
+        sub = getattr(sub, 'jaxpr', sub)  # ClosedJaxpr -> Jaxpr
+        if hasattr(sub, 'eqns'):
+          yield from _all_eqns(sub)
+
+
 def test_bfloat16_compute_keeps_float32_params_and_logits(torch_weights):
   kwargs = dict(num_classes=NUM_CLASSES, depth=DEPTH, width=WIDTH)
   bf16 = models.create('wrn', dtype='bfloat16', **kwargs)
@@ -192,7 +203,9 @@ def test_bfloat16_compute_keeps_float32_params_and_logits(torch_weights):
   # The convolutions really run in bfloat16.
   jaxpr = jax.make_jaxpr(lambda v: forward(bf16, v, False))(variables)
   conv_dtypes = {
-    eqn.outvars[0].aval.dtype for eqn in jaxpr.eqns if eqn.primitive.name == 'conv_general_dilated'
+    eqn.outvars[0].aval.dtype
+    for eqn in _all_eqns(jaxpr.jaxpr)
+    if eqn.primitive.name == 'conv_general_dilated'
   }
   assert conv_dtypes == {jnp.dtype(jnp.bfloat16)}
   logits, updates = jax.jit(lambda v: forward(bf16, v, True))(variables)
@@ -215,3 +228,33 @@ def test_bad_fields_name_the_config_field():
     model = models.create('wrn', num_classes=10, width=1, **{'depth': 10, **kwargs})
     with pytest.raises(ValueError, match=field):
       model.init(jax.random.key(0), x, train=False)
+
+
+def test_convs_run_through_layers_conv_with_jax_gradients(torch_weights, monkeypatch):
+  """Every conv is a `layers.conv2d` (custom VJP), and the gradients equal JAX's own rules."""
+  model = models.create('wrn', num_classes=NUM_CLASSES, depth=DEPTH, width=WIDTH)
+  variables = jax.tree.map(jnp.asarray, wide_resnet.convert_torch_state_dict(torch_weights))
+  x = jnp.asarray(np.random.default_rng(4).uniform(0, 1, (3, 16, 16, 3)), jnp.float32)
+
+  def loss(params, x):
+    logits, _ = model.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'])
+    return jnp.sum(jnp.sin(logits))
+
+  jaxpr = jax.make_jaxpr(loss)(variables['params'], x).jaxpr
+  top_level = [e for e in jaxpr.eqns if e.primitive.name == 'conv_general_dilated']
+  nested = [e for e in _all_eqns(jaxpr) if e.primitive.name == 'conv_general_dilated']
+  assert not top_level and len(nested) == 3 * (DEPTH - 4) // 6 * 2 + 1 + 2  # + stem, shortcuts
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(variables['params'], x)
+
+  # The same network with plain lax convolutions, differentiated by JAX.
+  monkeypatch.setattr(
+    layers,
+    'conv2d',
+    lambda x, k, strides, padding: jax.lax.conv_general_dilated(
+      x, k, strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+    ),
+  )
+  want = jax.jit(jax.grad(loss, argnums=(0, 1)))(variables['params'], x)
+  for (path, got), ref in zip(jax.tree.leaves_with_path(grads), jax.tree.leaves(want), strict=True):
+    scale = float(jnp.max(jnp.abs(ref))) + 1e-6
+    np.testing.assert_allclose(got, ref, atol=1e-4 * scale, err_msg=jax.tree_util.keystr(path))

@@ -1,4 +1,4 @@
-"""Layers whose input gradients stay fast inside loops: a 2-D conv and a 2x2 max-pool.
+"""Layers with fast gradients on XLA:CPU, inside loops too: a 2-D conv and a 2x2 max-pool.
 
 Attacks differentiate the model with respect to its input inside `lax.while_loop`
 and `lax.fori_loop` (DeepFool, PGD, TRADES). There, XLA's CPU backend folds the
@@ -8,8 +8,17 @@ not take, so the input gradient falls back to a generic conv that ran 2-3x slowe
 on the benchmark CPU than the same conv outside a loop. `conv2d` computes its input
 gradient as an ordinary conv with an explicitly flipped and transposed kernel (an
 optimisation barrier keeps XLA from folding it back), which keeps the library
-path everywhere. Its weight gradient is JAX's own. Numerically both are the same
-convolutions as JAX's rules; on accelerators they cost the same.
+path everywhere. Numerically it is the same convolution as JAX's rule; on
+accelerators it costs the same.
+
+The kernel gradient (training's backward pass) is JAX's rule on accelerators. On
+CPU, JAX's rule, one conv that contracts over the whole batch with an image-sized
+window, ran at a third of the forward conv's speed on the benchmark CPU; `conv2d`
+sums the same conv over chunks of the batch in a loop instead (about 256 output
+positions per chunk), and writes a 1x1 kernel's gradient as a matrix product,
+which brings it to the forward conv's speed (`_kernel_grad_cpu`). The choice is
+made when the program is lowered for its platform (`lax.platform_dependent`). When
+only the input gradient is used (attacks), the kernel gradient is never computed.
 
 `max_pool_2x2` routes each window's cotangent to its first maximal element with
 compares and selects, which fuse into elementwise code, instead of XLA's
@@ -72,8 +81,77 @@ def _conv2d_bwd(strides, padding, res, g):
     dx = _input_grad_stride1(g, kernel, x.shape[1:3], padding)
   else:
     dx = _input_grad_strided(g, kernel, x.shape[1:3], strides, padding)
-  (dkernel,) = jax.vjp(lambda k: _conv(x, k, strides, padding), kernel)[1](g)
+  dkernel = jax.lax.platform_dependent(
+    x,
+    g,
+    kernel,
+    cpu=functools.partial(_kernel_grad_cpu, strides=strides, padding=padding),
+    default=functools.partial(_kernel_grad_xla, strides=strides, padding=padding),
+  )
   return dx.astype(x.dtype), dkernel
+
+
+def _kernel_grad_xla(x, g, kernel, *, strides, padding):
+  """d(conv)/d(kernel) by JAX's own rule (accelerators)."""
+  return jax.vjp(lambda k: _conv(x, k, strides, padding), kernel)[1](g)[0]
+
+
+# Output positions (batch x Ho x Wo) per chunk of the CPU kernel gradient. On the benchmark
+# CPU, 64-512 were about equally fast for the PreAct ResNet-18's convs at batch 128; 1024 and
+# more were slower on its 8x8 and 4x4 maps (4x4, 512 channels: 74-80 GFLOP/s at 64-256
+# positions, 52 at 1024, 29 at 2048).
+_KERNEL_GRAD_ROWS = 256
+
+
+def _kernel_grad_cpu(x, g, kernel, *, strides, padding):
+  """d(conv)/d(kernel) [kh,kw,Cin,Cout] on XLA:CPU, summed over chunks of the batch.
+
+  JAX's rule is one conv whose contraction runs over the whole batch and all
+  output positions (B*Ho*Wo, e.g. 131072 rows) with a window as large as the
+  image; XLA:CPU's conv library ran it at a third of the forward conv's speed.
+  Chunks of about `_KERNEL_GRAD_ROWS` positions, summed in a loop, run at the
+  forward's speed. The chunk's operands are transposed explicitly behind an
+  optimisation barrier: inside a loop XLA would otherwise fold the transposes
+  into the conv's dimension numbers, which the fast library does not take.
+  1x1 kernels are a plain matrix product X^T G.
+  """
+  kh, kw, cin, cout = kernel.shape
+  b, ho, wo, _ = g.shape
+  chunk = 1 if kh == kw == 1 else min(b, max(1, _KERNEL_GRAD_ROWS // (ho * wo)))
+  extra = -b % chunk  # zero examples fill the last chunk; they add nothing to the sum
+  # Pad (or crop) x to exactly the rows and columns the output windows read.
+  pads = [(0, extra, 0)]
+  for n, k, s, (lo, _), o in zip(x.shape[1:3], (kh, kw), strides, padding, (ho, wo), strict=True):
+    pads.append((lo, (o - 1) * s + k - n - lo, 0))
+  xp = jax.lax.pad(x, jnp.zeros((), x.dtype), (*pads, (0, 0, 0)))
+  if kh == kw == 1:
+    xs = xp[:, :: strides[0], :: strides[1]].reshape(-1, cin)
+    dk = jax.lax.dot_general(
+      xs, g.reshape(-1, cout), (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+    )
+    return dk.reshape(1, 1, cin, cout).astype(kernel.dtype)
+  g = jnp.pad(g, ((0, extra), (0, 0), (0, 0), (0, 0)))
+
+  def chunk_grad(i, acc):
+    xi = jax.lax.dynamic_slice_in_dim(xp, i * chunk, chunk)  # [m, Hp, Wp, Cin]
+    gi = jax.lax.dynamic_slice_in_dim(g, i * chunk, chunk)  # [m, Ho, Wo, Cout]
+    # The batch becomes the contraction: x as [Cin, Hp, Wp, m], g as a kernel [Ho, Wo, m, Cout].
+    xt, gt = jax.lax.optimization_barrier((xi.transpose(3, 1, 2, 0), gi.transpose(1, 2, 0, 3)))
+    dk = jax.lax.conv_general_dilated(
+      xt,
+      gt,
+      window_strides=(1, 1),
+      padding=((0, 0), (0, 0)),
+      rhs_dilation=strides,
+      dimension_numbers=_DIMENSION_NUMBERS,
+      preferred_element_type=jnp.float32,
+    )  # [Cin, kh, kw, Cout]
+    return acc + dk
+
+  dk = jax.lax.fori_loop(
+    0, (b + extra) // chunk, chunk_grad, jnp.zeros((cin, kh, kw, cout), jnp.float32)
+  )
+  return dk.transpose(1, 2, 0, 3).astype(kernel.dtype)
 
 
 def _flip_transpose(kernel: jax.Array) -> jax.Array:

@@ -17,7 +17,8 @@ The layout follows DeepMind's adversarial_robustness WideResNet (Gowal et al.
 Stride-2 convolutions pad by (0, 1) rows and columns, exactly as the PyTorch code
 pads by hand to reproduce TensorFlow's 'SAME'. BatchNorm keeps running averages
 with momentum 0.99 (PyTorch `momentum=0.01`, Haiku `decay_rate=0.99`) and
-epsilon 1e-5, as in both codebases.
+epsilon 1e-5, as in both codebases. The convolutions are `layers.Conv`: nn.Conv's
+parameters, with gradients that stay on XLA:CPU's fast conv path (see `layers`).
 
 WRN-28-10 and WRN-70-16 with `activation='swish'` are the architectures of the
 generated-data records (Wang et al. 2023).
@@ -32,6 +33,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from puma_jax.models import layers
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
@@ -74,7 +77,7 @@ class _Block(nn.Module):
       epsilon=self.bn_epsilon,
       dtype=self.dtype,
     )
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=_conv_init)
+    conv = functools.partial(layers.Conv, use_bias=False, dtype=self.dtype, kernel_init=_conv_init)
     if self.stride == 1:
       pad = ((1, 1), (1, 1))
     elif self.stride == 2:
@@ -87,11 +90,17 @@ class _Block(nn.Module):
     if has_shortcut:
       # A projecting block feeds the activated input to its shortcut (pre-activation ResNet).
       shortcut = conv(
-        self.out_channels, (1, 1), strides=self.stride, padding='VALID', name='shortcut'
+        self.out_channels,
+        (1, 1),
+        strides=(self.stride, self.stride),
+        padding=((0, 0), (0, 0)),
+        name='shortcut',
       )(y)
     else:
       shortcut = x
-    y = conv(self.out_channels, (3, 3), strides=self.stride, padding=pad, name='conv_0')(y)
+    y = conv(
+      self.out_channels, (3, 3), strides=(self.stride, self.stride), padding=pad, name='conv_0'
+    )(y)
     y = self.activation(norm(name='batchnorm_1')(y))
     y = conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), name='conv_1')(y)
     return shortcut + y
@@ -157,7 +166,7 @@ class WideResNet(nn.Module):
     mean = jnp.asarray(self.mean, jnp.float32)
     std = jnp.asarray(self.std, jnp.float32)
     y = ((x.astype(jnp.float32) - mean) / std).astype(self.dtype)
-    y = nn.Conv(
+    y = layers.Conv(
       16,
       (3, 3),
       padding=((1, 1), (1, 1)),
