@@ -90,6 +90,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.name = 'small_cnn'
     c.model.dtype = 'float32'
     del c.model.mean, c.model.std
-    c.model.num_classes = 3
+    c.model.num_classes = 4  # AutoAttack's targeted attacks need at least 4 classes.
     c.margin_model.source = 'train'
   return c

@@ -128,6 +128,12 @@ def _check_config(config: Any) -> None:
       f'margin_model.source={config.margin_model.source!r} needs margin_model.path '
       '(a training workdir with checkpoints/, or a PyTorch state_dict .npz)'
     )
+  if config.eval.autoattack == 'standard' and config.model.num_classes < 4:
+    raise ValueError(
+      f'eval.autoattack=standard needs at least 4 classes (APGD-T and FAB-T use the targeted '
+      f'DLR loss), the model has model.num_classes={config.model.num_classes}; '
+      'set --config.eval.autoattack=none to evaluate with clean and PGD accuracy only.'
+    )
   if margins_needed(config) and config.margins.norm != config.attack.norm:
     raise ValueError(
       f'margins.norm={config.margins.norm!r} differs from attack.norm={config.attack.norm!r}: '

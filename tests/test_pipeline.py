@@ -80,6 +80,14 @@ def test_one_stage_needs_its_inputs(tmp_path):
     pipeline.run(_config('default'), tmp_path, stage='train')
 
 
+def test_autoattack_with_too_few_classes_is_refused_before_any_work(tmp_path):
+  config = _config('default')
+  config.model.num_classes = 3
+  with pytest.raises(ValueError, match='eval.autoattack=none'):
+    pipeline.run(config, tmp_path)
+  assert not (tmp_path / 'prepare').exists()
+
+
 class _Interrupt(Exception):
   pass
 
@@ -147,7 +155,7 @@ def test_cifar_recipe_tiny_end_to_end(tmp_path, monkeypatch):
 def test_imagenet_tiny_end_to_end(tmp_path):
   rng = np.random.default_rng(0)
   src = tmp_path / 'src'
-  for c in ('n001', 'n002', 'n003'):
+  for c in ('n001', 'n002', 'n003', 'n004'):
     (src / c).mkdir(parents=True)
     for i in range(14):
       Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(
@@ -157,6 +165,6 @@ def test_imagenet_tiny_end_to_end(tmp_path):
   settings = image_folder.Settings(resolution=16, test_per_class=4, train_shards=2, test_shards=1)
   image_folder.convert(src, tmp_path / 'tfds', config.data.real.name, settings, workers=0)
   config.data.data_dir = str(tmp_path / 'tfds')
-  config.eval.num_examples = 12
+  config.eval.num_examples = 16
   pipeline.run(config, tmp_path / 'w')
   _check_complete_run(tmp_path / 'w', config)
