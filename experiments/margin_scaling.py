@@ -179,6 +179,7 @@ def score_size(
       split,
       settings=deepfool,
       batch_size=config.margins.batch_size,
+      slots=config.margins.slots,
       summary_dir=out_dir,
       read_threads=config.data.read_threads,
       prefetch_batches=config.data.prefetch_batches,

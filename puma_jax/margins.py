@@ -306,6 +306,15 @@ def _check_batch_size(batch_size: int, num_devices: int) -> None:
     )
 
 
+def _check_slots(slots: int) -> int:
+  if int(slots) != slots or slots < 0:
+    raise ValueError(
+      f'margins.slots={slots}: need an integer >= 0 (DeepFool slots per device; '
+      '0 runs the whole per-device batch at once)'
+    )
+  return int(slots)
+
+
 def _check_model(model: nn.Module, variables: Any, splits: Mapping[str, Split]) -> None:
   for key, s in splits.items():
     x = jax.ShapeDtypeStruct((1, *s.image_shape), jnp.float32)
@@ -468,10 +477,18 @@ class _ShardBuffer:
     return bool(self.seen.all())
 
 
-def _margin_program(model: nn.Module, settings: DeepFoolSettings, mesh: jax.sharding.Mesh):
-  """jit(shard_map(DeepFool)): (x f32[B,...], y i32[B], variables) -> (margin, iterations, converged)."""
+def _margin_program(
+  model: nn.Module, settings: DeepFoolSettings, mesh: jax.sharding.Mesh, slots: int = 0
+):
+  """jit(shard_map(DeepFool)): (x f32[B,...], y i32[B], variables) -> (margin, iterations, converged).
+
+  `slots` > 0 runs each device's examples through that many DeepFool slots (see
+  `attacks.deepfool`'s `batch_size`): a finished example frees its slot for the
+  next, so the loop does not wait for the batch's slowest example.
+  """
 
   def per_device(x, y, variables):
+    per = x.shape[0]
     res = deepfool(
       lambda v: model.apply(variables, v, train=False),
       x,
@@ -481,6 +498,7 @@ def _margin_program(model: nn.Module, settings: DeepFoolSettings, mesh: jax.shar
       overshoot=settings.overshoot,
       max_iter=settings.max_iter,
       clip=settings.clip,
+      batch_size=min(slots, per) if slots else None,
     )
     return res.margin, res.iterations, res.converged
 
@@ -495,6 +513,7 @@ def _compile(
   batch_size: int,
   image_shape: tuple[int, ...],
   variables_struct: tuple[Any, tuple[tuple[tuple[int, ...], str], ...]],
+  slots: int = 0,
 ) -> tuple[Any, float]:
   """The compiled margin program for one batch shape (cached across calls), and its compile time."""
   start = time.perf_counter()
@@ -506,7 +525,7 @@ def _compile(
   )
   x = jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.float32, sharding=sharding)
   y = jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sharding)
-  compiled = _margin_program(model, settings, mesh).lower(x, y, variables).compile()
+  compiled = _margin_program(model, settings, mesh, slots).lower(x, y, variables).compile()
   return compiled, time.perf_counter() - start
 
 
@@ -528,9 +547,10 @@ class MarginEngine:
     settings: DeepFoolSettings,
     mesh: jax.sharding.Mesh,
     batch_size: int,
+    slots: int = 0,
   ):
     self.model, self.settings = model, settings
-    self.mesh, self.batch_size = mesh, batch_size
+    self.mesh, self.batch_size, self.slots = mesh, batch_size, _check_slots(slots)
     self.sharding = parallel.data_sharding(mesh)
     host = jax.tree.map(_to_host, variables)
     self.variables = parallel.replicate(host, mesh)
@@ -544,7 +564,13 @@ class MarginEngine:
     if image_shape not in self._compiled:
       misses = _compile.cache_info().misses
       fn, seconds = _compile(
-        self.model, self.settings, self.mesh, self.batch_size, image_shape, self._struct
+        self.model,
+        self.settings,
+        self.mesh,
+        self.batch_size,
+        image_shape,
+        self._struct,
+        self.slots,
       )
       if _compile.cache_info().misses > misses:
         self.compilations += 1
@@ -696,6 +722,7 @@ def compute_margins(
   *,
   settings: DeepFoolSettings,
   batch_size: int,
+  slots: int = 0,
   mesh: jax.sharding.Mesh | None = None,
   tag: str = 'margins',
   sidecar_root: str | os.PathLike | None = None,
@@ -717,6 +744,10 @@ def compute_margins(
       'generated': ...}); a sequence is keyed by source name ('real', 'generated').
     settings: DeepFool settings (`settings_from_config(config.margins)`).
     batch_size: examples per batch on this process (a multiple of its local devices).
+    slots: DeepFool slots per device (0: the device's whole share of the batch at
+      once); finished examples free their slot for the next, so a batch does not
+      wait for its slowest example. A speed setting: margins do not depend on it
+      beyond float rounding, and it is not recorded in the manifest.
     mesh: a 1-D ('data',) mesh of this process's devices (default: all local devices).
     tag: sidecar tag of the margins (plus `<tag>_iterations`, `<tag>_converged`).
     sidecar_root: write sidecars under this root instead of beside the shards.
@@ -737,6 +768,7 @@ def compute_margins(
   named = _named_splits(splits)
   mesh = _local_mesh(mesh)
   _check_batch_size(batch_size, parallel.num_shards(mesh))
+  _check_slots(slots)
   _check_model(model, variables, named)
   start = time.perf_counter()
   fingerprint = model_fingerprint(variables)
@@ -771,7 +803,7 @@ def compute_margins(
   error = None
   try:
     if work:
-      engine = MarginEngine(model, variables, settings, mesh, batch_size)
+      engine = MarginEngine(model, variables, settings, mesh, batch_size, slots)
       counters = _score_shards(
         engine,
         work,
@@ -992,6 +1024,7 @@ def estimate_margin_cost(
   *,
   settings: DeepFoolSettings,
   batch_size: int,
+  slots: int = 0,
   splits: Mapping[str, Split] | Sequence[Split] | Split | None = None,
   image_shape: tuple[int, int, int] | None = None,
   num_examples: int | None = None,
@@ -1010,7 +1043,7 @@ def estimate_margin_cost(
   One warm-up batch is run first; compilation is timed separately.
 
   Args:
-    model, variables, settings, batch_size, mesh: as for `compute_margins`.
+    model, variables, settings, batch_size, slots, mesh: as for `compute_margins`.
     splits: probe data; also the default N (their total number of examples).
     image_shape: (H, W, C) for random probe images when no splits are given.
     num_examples: N (default: the splits' total).
@@ -1038,12 +1071,13 @@ def estimate_margin_cost(
     raise ValueError(f'estimate: probe_batches={probe_batches} must be >= 1')
   mesh = _local_mesh(mesh)
   _check_batch_size(batch_size, parallel.num_shards(mesh))
+  _check_slots(slots)
   if named is not None:
     _check_model(model, variables, named)
   batches, kind = _probe_batches(
     named, image_shape, batch_size, probe_batches + 1, model, variables, seed
   )
-  engine = MarginEngine(model, variables, settings, mesh, batch_size)
+  engine = MarginEngine(model, variables, settings, mesh, batch_size, slots)
   jax.block_until_ready(engine.dispatch(*batches[0]))  # compile (if not cached) and warm up
   device_batches = [
     (jax.device_put(x, engine.sharding), jax.device_put(y, engine.sharding)) for x, y in batches[1:]
@@ -1085,6 +1119,7 @@ def estimate_from_config(
     variables,
     settings=settings_from_config(margins_config),
     batch_size=margins_config.batch_size,
+    slots=margins_config.get('slots', 0),
     splits=splits,
     image_shape=image_shape,
     num_examples=est.num_examples or None,
