@@ -92,21 +92,21 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.train.trades_beta = 5.0
   c.train.label_smoothing = 0.1
   c.train.batch_size = 128
-  c.train.num_steps = 1500
+  c.train.num_steps = 800
   c.train.learning_rate = 0.1
   c.train.momentum = 0.9
   c.train.nesterov = True
   c.train.weight_decay = 5e-4
-  c.train.warmup_steps = 100
+  c.train.warmup_steps = 40
   c.train.ema_decay = 0.995
   c.train.log_every_steps = 50
-  c.train.eval_every_steps = 500
-  c.train.checkpoint_every_steps = 250
+  c.train.eval_every_steps = 400
+  c.train.checkpoint_every_steps = 200
 
   # Evaluation on the test split.
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 250
-  c.eval.num_examples = 0  # 0 means the whole test split.
+  c.eval.num_examples = 250  # The first N test examples; 0 means the whole test split.
   c.eval.pgd_steps = 20
   c.eval.autoattack = 'standard'  # standard | none
   # Rows of still-robust examples attacked together per device (0: the whole slice).
