@@ -104,7 +104,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   else:
     c.prune.strategy = 'none'
 
-  c.eval.batch_size = 500
+  c.eval.batch_size = 512
   c.eval.num_examples = 0
   c.eval.pgd_steps = 40
   c.eval.autoattack = 'standard'

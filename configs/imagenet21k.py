@@ -78,7 +78,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.eval_every_steps = 5_000
   c.train.checkpoint_every_steps = 1_000
 
-  c.eval.batch_size = 500
+  c.eval.batch_size = 512
   c.eval.num_examples = 5_000
   c.eval.pgd_steps = 20
 

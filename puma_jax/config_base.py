@@ -105,7 +105,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # Evaluation on the test split.
   c.eval = ml_collections.ConfigDict()
-  c.eval.batch_size = 250
+  c.eval.batch_size = 256
   c.eval.num_examples = 250  # The first N test examples; 0 means the whole test split.
   c.eval.pgd_steps = 20
   c.eval.autoattack = 'standard'  # standard | none

@@ -13,6 +13,7 @@ itself, elsewhere pass --coordinator_address, --num_processes and --process_id.
 """
 
 import logging as logging_std
+import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -38,7 +39,30 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'With --distributed, off TPU.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'With --distributed, off TPU.')
+_CPU_DEVICES = flags.DEFINE_integer(
+  'cpu_devices',
+  -1,
+  'Devices the CPU is split into when it does the work (no accelerator): -1 (auto) gives '
+  'one per core available to this process, the largest power of two up to 8, so the '
+  "data-parallel stages use every core; 0 keeps JAX's default (1); N > 0 gives N. Batch "
+  'sizes must be multiples of it. Ignored by GPU and TPU runs.',
+)
 flags.mark_flags_as_required(['config', 'workdir'])
+MAX_AUTO_CPU_DEVICES = 8
+
+
+def auto_cpu_devices(cores: int) -> int:
+  """The largest power of two <= min(cores, MAX_AUTO_CPU_DEVICES) (batch sizes divide by it)."""
+  return 1 << (max(1, min(cores, MAX_AUTO_CPU_DEVICES)).bit_length() - 1)
+
+
+def _set_cpu_devices(requested: int) -> None:
+  """Splits the CPU into devices; must run before JAX initialises its backends."""
+  import jax
+
+  n = auto_cpu_devices(len(os.sched_getaffinity(0))) if requested < 0 else requested
+  if n > 0:
+    jax.config.update('jax_num_cpu_devices', n)
 
 
 class _QuietLibraries(logging_std.Filter):
@@ -53,6 +77,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if logging.get_verbosity() < 1:
     logging.get_absl_handler().addFilter(_QuietLibraries())
+  _set_cpu_devices(_CPU_DEVICES.value)
   if _DISTRIBUTED.value:
     import jax
 
@@ -61,7 +86,15 @@ def main(argv: list[str]) -> None:
       num_processes=_NUM_PROCESSES.value,
       process_id=_PROCESS_ID.value,
     )
-  logging.info('puma_jax: workdir %s, stage %s', _WORKDIR.value, _STAGE.value)
+  import jax
+
+  logging.info(
+    'puma_jax: workdir %s, stage %s, %d %s devices',
+    _WORKDIR.value,
+    _STAGE.value,
+    jax.device_count(),
+    jax.default_backend(),
+  )
   pipeline.run(_CONFIG.value, _WORKDIR.value, stage=_STAGE.value, dry_run=_DRY_RUN.value)
 
 

@@ -151,7 +151,9 @@ def _markdown(rep: dict[str, Any], plots: dict[str, str]) -> str:
     lines += [
       '## Evaluation (EMA weights, test split)',
       '',
-      'Accuracy after each stage; AutoAttack stages are cumulative.',
+      'PGD rows are separate attacks; the AutoAttack rows are cumulative (each attack runs '
+      'on the examples still robust), and the worst case counts an example robust only if '
+      'every attack failed on it.',
       '',
       '| stage | accuracy |',
       '|---|---:|',
@@ -171,14 +173,27 @@ def _evaluation_summary(ev: dict[str, Any] | None) -> dict[str, Any] | None:
   if ev is None:
     return None
   accuracies = {'clean': ev.get('clean_acc')}
-  for key, value in ev.get('accuracy_after_each_attack', {}).items():
-    accuracies[key] = value
+  after = ev.get('accuracy_after_each_attack', {})
+  # PGD first, then AutoAttack's attacks in the order they run (the JSON keys are sorted).
+  order = ('pgd_ce', 'pgd_cw', 'apgd-ce', 'apgd-t', 'fab-t', 'square')
+  for key in sorted(after, key=lambda k: (order.index(k) if k in order else len(order), k)):
+    accuracies[_ATTACK_LABELS.get(key, key)] = after[key]
   accuracies['AutoAttack'] = ev.get('autoattack_acc')
   accuracies['worst case over all attacks'] = ev.get('worst_case_acc')
   return {
     'accuracies': {k: v for k, v in accuracies.items() if v is not None},
     'n_examples': ev.get('n_examples'),
   }
+
+
+_ATTACK_LABELS = {
+  'pgd_ce': 'PGD (cross-entropy)',
+  'pgd_cw': 'PGD (CW margin loss)',
+  'apgd-ce': 'AutoAttack: after APGD-CE',
+  'apgd-t': 'AutoAttack: after APGD-T',
+  'fab-t': 'AutoAttack: after FAB-T',
+  'square': 'AutoAttack: after Square',
+}
 
 
 def write_report(config: Any, workdir: str | Path) -> dict[str, Path]:
