@@ -40,7 +40,6 @@ import copy
 import csv
 import dataclasses
 import io
-import logging as logging_std
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -48,7 +47,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from absl import flags, logging
+from absl import logging
+
+from puma_jax import logs  # absl only: JAX starts later
 
 SIZES = (4_000, 8_000, 16_000, 24_000, 32_000, 40_000)
 TINY_SIZES = (200, 400)
@@ -503,24 +504,10 @@ def parse_args(argv: Sequence[str]) -> Settings:
     p.error(str(e))
 
 
-class _QuietOrbax(logging_std.Filter):
-  """Drops Orbax's INFO lines (one per checkpoint manager, with every option)."""
-
-  def filter(self, record: logging_std.LogRecord) -> bool:
-    return record.levelno > logging_std.INFO or '/orbax/' not in record.pathname
-
-
-def _setup_logging() -> None:
-  flags.FLAGS.mark_as_parsed()  # absl logging without absl flags (argparse parses ours)
-  logging.use_absl_handler()
-  logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_QuietOrbax())
-
-
 def main(argv: Sequence[str] | None = None) -> str:
   argv = list(sys.argv[1:] if argv is None else argv)
   settings = parse_args(argv)
-  _setup_logging()
+  logs.setup_script_logging()
   command = 'python -m experiments.margin_scaling ' + ' '.join(argv)
   start = time.perf_counter()
   info, rows, values = run_study(settings)

@@ -35,7 +35,6 @@ import copy
 import csv
 import dataclasses
 import io
-import logging as logging_std
 import math
 import sys
 import time
@@ -44,7 +43,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from absl import flags, logging
+from absl import logging
+
+from puma_jax import logs  # absl only: JAX starts later
 
 STRATEGIES = ('none', 'random', 'prune_high', 'prune_low', 'puma')
 STRATEGY_LABELS = {
@@ -693,20 +694,10 @@ def parse_args(argv: Sequence[str]) -> Settings:
     p.error(str(e))
 
 
-class _QuietOrbax(logging_std.Filter):
-  """Drops Orbax's INFO lines (one per checkpoint manager, with every option)."""
-
-  def filter(self, record: logging_std.LogRecord) -> bool:
-    return record.levelno > logging_std.INFO or '/orbax/' not in record.pathname
-
-
 def _setup(settings: Settings) -> None:
   import jax  # noqa: PLC0415
 
-  flags.FLAGS.mark_as_parsed()  # absl logging without absl flags (argparse parses ours)
-  logging.use_absl_handler()
-  logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_QuietOrbax())
+  logs.setup_script_logging()
   # Every run compiles the same train, evaluation and AutoAttack programs; XLA's
   # persistent cache compiles each once for the whole sweep (unless a cache is set).
   if not jax.config.jax_compilation_cache_dir:

@@ -12,13 +12,13 @@ Multi-host (TPU pods, multi-node GPU): run the same command on every host with
 itself, elsewhere pass --coordinator_address, --num_processes and --process_id.
 """
 
-import logging as logging_std
 import os
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from puma_jax import pipeline
+from puma_jax import logs, pipeline
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for all outputs; reruns resume.')
@@ -58,36 +58,23 @@ def auto_cpu_devices(cores: int) -> int:
 
 def _set_cpu_devices(requested: int) -> None:
   """Splits the CPU into devices; must run before JAX initialises its backends."""
-  import jax
-
   n = auto_cpu_devices(len(os.sched_getaffinity(0))) if requested < 0 else requested
   if n > 0:
     jax.config.update('jax_num_cpu_devices', n)
-
-
-class _QuietLibraries(logging_std.Filter):
-  """Drops INFO lines of Orbax (one per checkpoint manager, with every option) unless -v 1."""
-
-  def filter(self, record: logging_std.LogRecord) -> bool:
-    return record.levelno > logging_std.INFO or '/orbax/' not in record.pathname
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if logging.get_verbosity() < 1:
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    logs.quiet_orbax()  # unless -v 1
   _set_cpu_devices(_CPU_DEVICES.value)
   if _DISTRIBUTED.value:
-    import jax
-
     jax.distributed.initialize(
       coordinator_address=_COORDINATOR.value,
       num_processes=_NUM_PROCESSES.value,
       process_id=_PROCESS_ID.value,
     )
-  import jax
-
   logging.info(
     'puma_jax: workdir %s, stage %s, %d %s devices',
     _WORKDIR.value,
