@@ -3,10 +3,14 @@
 Training uses `jax.jit` with `NamedSharding` on a 1-D ('data',) mesh (global
 semantics: results do not depend on the device count). Work where every device
 should run its own loop, such as DeepFool stopping when its own examples have
-converged, uses `jax.shard_map` over the same mesh (`per_device`).
+converged, uses `jax.shard_map` over the same mesh (`per_device`). A sum over the
+batch that XLA's partitioner cannot split by itself (a loop over chunks of the
+batch, as in the CPU conv kernel gradient) uses `sum_over_batch_shards`, which
+finds the mesh from the context that `with_mesh` sets while tracing.
 """
 
-from collections.abc import Callable, Mapping
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -78,6 +82,52 @@ def per_device(fn: Callable[..., Any], mesh: Mesh, *, num_batched_args: int) -> 
     )(*args)
 
   return wrapped
+
+
+def with_mesh(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
+  """`fn` traced with `mesh` as the context mesh (for `sum_over_batch_shards` inside it).
+
+  Wrap the function before `jax.jit`; the jitted function keeps `lower` and its
+  cache. Nothing else changes: the mesh's axes stay automatic (GSPMD).
+  """
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+
+  return wrapped
+
+
+def sum_over_batch_shards(
+  fn: Callable[..., jax.Array], batched: Sequence[jax.Array], shared: Sequence[jax.Array]
+) -> jax.Array:
+  """`fn(*batched, *shared)` for a `fn` that sums over the leading (batch) axis of `batched`.
+
+  Inside `with_mesh` with a data axis of n > 1 devices (and a batch divisible by
+  n), every device applies `fn` to its own rows and the results are summed over
+  the devices (`psum`). XLA's partitioner splits a plain contraction over a
+  sharded batch the same way, but not a loop that slices the batch: it gathers
+  the whole batch on every device, and every device repeats all the work.
+  Elsewhere (no context mesh, one device, inside `shard_map`) this is `fn` itself.
+  The result is the same up to the order of the float additions.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if (
+    mesh.empty
+    or DATA_AXIS not in mesh.axis_names
+    or DATA_AXIS in mesh.manual_axes
+    or mesh.shape[DATA_AXIS] == 1
+    or any(a.shape[0] % mesh.shape[DATA_AXIS] for a in batched)
+  ):
+    return fn(*batched, *shared)
+  in_specs = (PartitionSpec(DATA_AXIS),) * len(batched) + (PartitionSpec(),) * len(shared)
+  return jax.shard_map(
+    lambda *args: jax.lax.psum(fn(*args), DATA_AXIS),
+    in_specs=in_specs,
+    out_specs=PartitionSpec(),
+    check_vma=False,
+  )(*batched, *shared)
 
 
 def pad_batch(

@@ -73,7 +73,10 @@ def make_jit_train_step(config, model, tx, schedule, mesh) -> Callable[..., Any]
   )
   repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
   return jax.jit(
-    step, in_shardings=(repl, data, repl), out_shardings=(repl, repl), donate_argnums=0
+    parallel.with_mesh(step, mesh),  # per-device kernel gradients on CPU (layers.conv2d)
+    in_shardings=(repl, data, repl),
+    out_shardings=(repl, repl),
+    donate_argnums=0,
   )
 
 

@@ -1,11 +1,14 @@
 """`layers.conv2d`'s kernel gradient on CPU (batch chunks, 1x1 as a matrix product) vs JAX's rule."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
+from puma_jax import parallel
 from puma_jax.models import layers
 
 
@@ -80,4 +83,21 @@ def test_sharded_batch_gives_the_same_kernel_gradient():
   fn = jax.jit(_ours, static_argnums=(3, 4))
   want = fn(x, kernel, g, strides, padding)
   got = fn(jax.device_put(x, batch), kernel, jax.device_put(g, batch), strides, padding)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_kernel_gradient_of_a_sharded_batch_runs_on_each_devices_examples():
+  strides, padding = (1, 1), ((1, 1), (1, 1))
+  x, kernel, g = _inputs(8, 16, 3, strides, padding)
+  mesh = parallel.make_mesh(jax.devices())
+  batch = parallel.data_sharding(mesh)
+  want = jax.jit(_ours, static_argnums=(3, 4))(x, kernel, g, strides, padding)
+  fn = jax.jit(
+    parallel.with_mesh(functools.partial(_ours, strides=strides, padding=padding), mesh),
+    in_shardings=(batch, parallel.replicated(mesh), batch),
+  )
+  compiled = fn.lower(x, kernel, g).compile().as_text()
+  # Each device loops over its own 2 examples: no device gathers the others' rows.
+  assert 'all-gather(' not in compiled and ' while(' in compiled
+  got = fn(jax.device_put(x, batch), kernel, jax.device_put(g, batch))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))

@@ -63,6 +63,18 @@ def test_step_on_four_devices_equals_one_device_and_compiles_once(prepared, loss
     np.testing.assert_allclose(m1[k], m4[k], rtol=2e-5, atol=1e-6, err_msg=k)
 
 
+def test_step_on_four_devices_computes_each_devices_examples_once(prepared):
+  config = _config()
+  mesh = parallel.make_mesh(jax.devices())
+  model, tx, schedule, state = _setup(config, prepared, mesh)
+  jit_step = train.make_jit_train_step(config, model, tx, schedule, mesh)
+  batch = parallel.shard_batch(_batch(prepared), mesh)
+  compiled = jit_step.lower(state, batch, jax.random.key(1)).compile().as_text()
+  # Gradients are summed over devices (all-reduce); no device gathers the others'
+  # examples to repeat their work (as XLA would for the CPU kernel-gradient loop).
+  assert 'all-gather(' not in compiled and 'all-reduce(' in compiled
+
+
 def _clean_reference_step(config, model, tx, state, batch):
   """A plain clean-training step: CE on the clean batch, no attack."""
 

@@ -16,7 +16,11 @@ CPU, JAX's rule, one conv that contracts over the whole batch with an image-size
 window, ran at a third of the forward conv's speed on the benchmark CPU; `conv2d`
 sums the same conv over chunks of the batch in a loop instead (about 256 output
 positions per chunk), and writes a 1x1 kernel's gradient as a matrix product,
-which brings it to the forward conv's speed (`_kernel_grad_cpu`). The choice is
+which brings it to the forward conv's speed (`_kernel_grad_cpu`). With the batch
+split over several devices, that loop runs on each device's own examples and the
+devices' sums are added (`parallel.sum_over_batch_shards`, inside
+`parallel.with_mesh`, which the train step uses); XLA's partitioner would
+otherwise gather the whole batch on every device for the loop. The choice is
 made when the program is lowered for its platform (`lax.platform_dependent`). When
 only the input gradient is used (attacks), the kernel gradient is never computed.
 
@@ -36,6 +40,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from puma_jax import parallel
 
 _DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 Padding = tuple[tuple[int, int], tuple[int, int]]
@@ -104,6 +110,12 @@ _KERNEL_GRAD_ROWS = 256
 
 
 def _kernel_grad_cpu(x, g, kernel, *, strides, padding):
+  """d(conv)/d(kernel) on XLA:CPU: `_kernel_grad_chunked` on each device's examples, summed."""
+  chunked = functools.partial(_kernel_grad_chunked, strides=strides, padding=padding)
+  return parallel.sum_over_batch_shards(chunked, (x, g), (kernel,))
+
+
+def _kernel_grad_chunked(x, g, kernel, *, strides, padding):
   """d(conv)/d(kernel) [kh,kw,Cin,Cout] on XLA:CPU, summed over chunks of the batch.
 
   JAX's rule is one conv whose contraction runs over the whole batch and all
