@@ -63,7 +63,9 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
   return jax.device_put(tree, replicated(mesh))
 
 
-def per_device(fn: Callable[..., Any], mesh: Mesh, *, num_batched_args: int) -> Callable[..., Any]:
+def per_device(
+  fn: Callable[..., Any], mesh: Mesh | jax.sharding.AbstractMesh, *, num_batched_args: int
+) -> Callable[..., Any]:
   """Runs `fn` on each device's slice of the first `num_batched_args` arguments.
 
   Those arguments (pytrees) are split on their leading axis over the data axis;
@@ -105,8 +107,8 @@ def sum_over_batch_shards(
   """`fn(*batched, *shared)` for a `fn` that sums over the leading (batch) axis of `batched`.
 
   Inside `with_mesh` with a data axis of n > 1 devices (and a batch divisible by
-  n), every device applies `fn` to its own rows and the results are summed over
-  the devices (`psum`). XLA's partitioner splits a plain contraction over a
+  n), every device applies `fn` to its own rows (`per_device`) and the results
+  are summed over the devices. XLA's partitioner splits a plain contraction over a
   sharded batch the same way, but not a loop that slices the batch: it gathers
   the whole batch on every device, and every device repeats all the work.
   Elsewhere (no context mesh, one device, inside `shard_map`) this is `fn` itself.
@@ -121,13 +123,8 @@ def sum_over_batch_shards(
     or any(a.shape[0] % mesh.shape[DATA_AXIS] for a in batched)
   ):
     return fn(*batched, *shared)
-  in_specs = (PartitionSpec(DATA_AXIS),) * len(batched) + (PartitionSpec(),) * len(shared)
-  return jax.shard_map(
-    lambda *args: jax.lax.psum(fn(*args), DATA_AXIS),
-    in_specs=in_specs,
-    out_specs=PartitionSpec(),
-    check_vma=False,
-  )(*batched, *shared)
+  per_shard = per_device(lambda *args: fn(*args)[None], mesh, num_batched_args=len(batched))
+  return per_shard(*batched, *shared).sum(axis=0)  # [devices, ...]: XLA adds them (all-reduce)
 
 
 def pad_batch(
