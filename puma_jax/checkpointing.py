@@ -164,7 +164,8 @@ class Checkpointer:
     Args:
       targets: name -> restore target for array items (a pytree of arrays or
         ShapeDtypeStructs with shardings, see `abstract_target`; restored arrays
-        land on those shardings), or None for JSON items.
+        land on those shardings), or None: JSON items, and array items restored
+        as saved (an item saved from NumPy arrays comes back as NumPy arrays).
       step: which checkpoint; None means the latest.
 
     Returns:
@@ -179,7 +180,7 @@ class Checkpointer:
       raise FileNotFoundError(
         f'no checkpoint of step {step} in {self.directory}; there are {self.all_steps()}'
       )
-    saved = set(self._item_names(step))
+    saved = set(self.item_names(step))
     missing = sorted(set(targets) - saved)
     if missing:
       raise KeyError(
@@ -190,15 +191,14 @@ class Checkpointer:
       if name in self._json_items:
         args[name] = ocp.args.JsonRestore()
       else:
-        if target is None:
-          raise ValueError(f'array item {name!r} needs a restore target (see abstract_target)')
-        args[name] = ocp.args.StandardRestore(abstract_target(target))
+        args[name] = ocp.args.StandardRestore(None if target is None else abstract_target(target))
     restored = self._manager.restore(step, args=ocp.args.Composite(**args))
     return {name: restored[name] for name in targets}
 
-  def _item_names(self, step: int) -> list[str]:
+  def item_names(self, step: int) -> list[str]:
+    """Names of the items saved in checkpoint `step`."""
     # Each item is a subfolder of the step folder (Orbax's default step naming).
-    return [p.name for p in (self.directory / str(step)).iterdir() if p.is_dir()]
+    return sorted(p.name for p in (self.directory / str(step)).iterdir() if p.is_dir())
 
   def wait_until_finished(self) -> None:
     """Blocks until every started save is complete on disk."""

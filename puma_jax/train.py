@@ -2,9 +2,9 @@
 
 Orchestration only: the step functions are pure (`steps.py`), the mesh lives in
 `parallel.py`, Orbax in `checkpointing.py`, the data in `datasets/`. A rerun
-of the same call resumes from the latest checkpoint in `workdir` (train state
-and data-iterator position) and gives the same states and metrics as an
-uninterrupted run. The workdir is never deleted.
+of the same call resumes from the latest checkpoint in `workdir` (train state,
+data-iterator position and the pruning output trained on) and gives the same
+states and metrics as an uninterrupted run. The workdir is never deleted.
 """
 
 import functools
@@ -201,9 +201,15 @@ def train_and_evaluate(
     kept_eps=kept_eps,
   )
   ckpt = checkpointing.Checkpointer(workdir / 'checkpoints', keep_last=2)
+  pruning = pruning_item(kept, kept_eps)
   start = ckpt.latest_step()
   if start is not None:
-    restored = ckpt.restore({'state': checkpointing.abstract_target(state), 'data_iter': None})
+    targets = {'state': checkpointing.abstract_target(state), 'data_iter': None}
+    if 'prune' in ckpt.item_names(start):
+      targets['prune'] = None  # NumPy arrays, restored as saved
+    restored = ckpt.restore(targets)
+    if 'prune' in restored:
+      check_same_pruning(restored['prune'], pruning, f'checkpoint {start} of {workdir}')
     state = restored['state']
     train_iter.set_state(restored['data_iter'])
     logging.info('resumed %s from step %d', workdir, start)
@@ -234,7 +240,10 @@ def train_and_evaluate(
     return result
 
   def save(step: int) -> None:
-    ckpt.save(step, {'state': state, 'data_iter': train_iter.get_state()})
+    items = {'state': state, 'data_iter': train_iter.get_state()}
+    if pruning:
+      items['prune'] = pruning
+    ckpt.save(step, items)
 
   progress = Progress(f'train {workdir.name}', total, unit='steps', initial=start, every_s=30)
   history: list[dict[str, jax.Array]] = []
@@ -280,6 +289,37 @@ def train_and_evaluate(
     train_iter.close()
   progress.close()
   return state, result
+
+
+def pruning_item(
+  kept: Mapping[str, np.ndarray] | None, kept_eps: Mapping[str, np.ndarray] | None
+) -> dict[str, dict[str, np.ndarray]]:
+  """The pruning output a run trains on, as a checkpoint item: source -> {'kept', 'eps'}."""
+  item: dict[str, dict[str, np.ndarray]] = {}
+  for name, ids in (kept or {}).items():
+    item.setdefault(name, {})['kept'] = np.asarray(ids, np.int64)
+  for name, eps in (kept_eps or {}).items():
+    item.setdefault(name, {})['eps'] = np.asarray(eps, np.float32)
+  return item
+
+
+def check_same_pruning(saved: Mapping[str, Any], given: Mapping[str, Any], where: str) -> None:
+  """Raises ValueError naming the source and array where two pruning outputs differ."""
+  if not given:
+    raise ValueError(
+      f'{where} was trained on a pruning output (kept examples, per-example eps) but none was '
+      'given now; resume through the same pipeline command (its prune stage supplies it) or '
+      'start a new workdir.'
+    )
+  for name in sorted(set(saved) | set(given)):
+    for key in sorted(set(saved.get(name, {})) | set(given.get(name, {}))):
+      a, b = saved.get(name, {}).get(key), given.get(name, {}).get(key)
+      if a is None or b is None or np.shape(a) != np.shape(b) or not np.array_equal(a, b):
+        raise ValueError(
+          f'{where} was trained on a different pruning output ({key!r} of source {name!r} '
+          'differs from the one given now, e.g. WORKDIR/prune/kept.npz changed); resume with '
+          'the pruning output it was trained on or start a new workdir.'
+        )
 
 
 def restore_ema_variables(config: Any, workdir: str | Path, image_shape: tuple[int, ...]):
