@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import step_profile
 from puma_jax import config_base, models, parallel, steps, train
 from puma_jax.attacks import deepfool
 from puma_jax.models import layers
@@ -362,6 +363,18 @@ def train_step_rows(name, args, peer, recorded):
       log(f'  jax {kind} attack only: {b / runs[f"jax_{kind}_attack_only"][0]["wall_s"]:.2f}/s')
 
   rows = {'mesh_devices': parallel.num_shards(mesh)}
+  if args.train_profile:
+    # One more step of each kind under jax.profiler: where its threads' time goes.
+    for kind in TRAIN_KINDS:
+      profile, (states[kind], _) = step_profile.profile_call(
+        jit_steps[kind], states[kind], batch, rng
+      )
+      profile['step_gflop_peers'] = b * flops[f'{kind}_step_flops_per_example'] / 1e9
+      rows[f'jax_{kind}_profile'] = profile
+      log(
+        f'  jax {kind} profiled: {profile["matmul_thread_s"]:.1f} thread-s in conv/matmul '
+        f'kernels ({profile["matmul_gflop"]:.0f} GFLOP), {profile["other_thread_s"]:.1f} elsewhere'
+      )
   for key, rs in runs.items():
     if not rs:
       continue
@@ -489,6 +502,21 @@ def render_deepfool(report) -> list[str]:
   return lines
 
 
+def _profile_note(name, kind, prof, batch) -> str:
+  total = prof['matmul_thread_s'] + prof['other_thread_s']
+  top = ', '.join(f'{k} {v:.2f}' for k, v in list(prof['other_by_kind_s'].items())[:4])
+  threads = CORES
+  return (
+    f'{name} {kind}, one JAX step under jax.profiler: {100 * prof["matmul_thread_s"] / total:.1f}% '
+    f"of its threads' busy time is in conv/matmul kernels, which execute "
+    f'{prof["matmul_gflop"]:.0f} GFLOP (the peers count {prof["step_gflop_peers"]:.0f} for the '
+    f'step) at {prof["matmul_gflops_per_thread"]:.1f} GFLOP/s per thread; the other '
+    f'{prof["other_thread_s"]:.2f} thread-s (largest kinds, thread-s: {top}). With no time '
+    f'outside those kernels, on {threads} threads, the step would give '
+    f'{batch * threads / prof["matmul_thread_s"]:.2f} examples/s.'
+  )
+
+
 def render_train(report) -> list[str]:
   cfg = report['config']
   lines = [
@@ -520,6 +548,8 @@ def render_train(report) -> list[str]:
           f'{100 * p["fraction_of_floor"]:.0f}% | {j["cpu_util_min"]:.2f} / '
           f'{p["cpu_util_min"]:.2f} |'
         )
+      if f'jax_{kind}_profile' in rows:
+        notes.append(_profile_note(name, kind, rows[f'jax_{kind}_profile'], cfg['train_batch']))
       if f'jax_{kind}_attack_only' in rows:
         a_cpu = statistics.median(rows[f'jax_{kind}_attack_only']['examples_per_cpu_s'])
         notes.append(
@@ -631,6 +661,12 @@ def main():
     '--train-breakdown',
     action='store_true',
     help='also time the JAX attack alone, to split the step into attack and update',
+  )
+  ap.add_argument(
+    '--train-profile',
+    action='store_true',
+    help="also run one JAX step of each kind under jax.profiler: the threads' time in "
+    'conv/matmul kernels, their FLOPs and GFLOP/s, and the time elsewhere',
   )
   ap.add_argument(
     '--mesh-devices',
