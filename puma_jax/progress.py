@@ -61,7 +61,7 @@ class Progress:
     total = f'/{self.total}' if self.total is not None else ''
     msg = f'{self.name}: {self.done}{total} {self.unit}, {rate:.1f} {self.unit}/s'
     if self.total is not None:
-      remaining = (self.total - self.done) / rate if rate > 0 else float('inf')
+      remaining = max(self.total - self.done, 0) / rate if rate > 0 else float('inf')
       msg += f', elapsed {format_seconds(self.elapsed)}, ETA {format_seconds(remaining)}'
     if extra:
       msg += f', {extra}'

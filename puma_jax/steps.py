@@ -83,7 +83,11 @@ def make_optimizer(
   nesterov: bool,
   weight_decay: float,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """SGD (Nesterov) with decoupled-from-BN weight decay, linear warm-up then cosine decay."""
+  """SGD (Nesterov) with L2 weight decay on kernels only, linear warm-up then cosine decay.
+
+  The decay is added to the gradient before momentum (as PyTorch's SGD `weight_decay`);
+  biases and BatchNorm scales and offsets are not decayed (`weight_decay_mask`).
+  """
   schedule = optax.warmup_cosine_decay_schedule(
     init_value=0.0,
     peak_value=learning_rate,

@@ -4,6 +4,8 @@ The weights are random, written in the PyTorch state_dict layout (OIHW convs,
 (out, in) linears, BatchNorm running statistics), so no torch is needed.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -243,3 +245,16 @@ def test_conv2d_gradients_equal_jax_rules(k, stride, padding, size):
   g = jnp.asarray(rs.randn(*out.shape), jnp.float32)
   for got, want in zip(vjp(g), ref_vjp(g), strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_preact_resnet18_weights_load_from_an_npz_file(tmp_path):
+  sd = _resnet_state_dict(np.random.RandomState(9), width=16)
+  path = tmp_path / 'w.npz'
+  np.savez(path, **sd)
+  loaded = models.import_torch_npz('preact_resnet18', str(path), width=16, num_classes=10)
+  expected = preact_resnet.convert_torch_state_dict(sd, width=16, num_classes=10)
+  assert jax.tree.structure(loaded) == jax.tree.structure(expected)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b, strict=True), loaded, expected)
+  missing = tmp_path / 'missing.npz'
+  with pytest.raises(ValueError, match=re.escape(str(missing))):
+    models.import_torch_npz('preact_resnet18', str(missing), width=16)
