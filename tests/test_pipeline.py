@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from puma_jax import pipeline, stages, train
+from puma_jax import margins, models, pipeline, stages, train
 from puma_jax.datasets import cifar, image_folder
 
 STAGE_DIRS = ('prepare', 'margin_model', 'margins', 'prune', 'train', 'evaluate', 'report')
@@ -86,6 +86,29 @@ def test_autoattack_with_too_few_classes_is_refused_before_any_work(tmp_path):
   with pytest.raises(ValueError, match='eval.autoattack=none'):
     pipeline.run(config, tmp_path)
   assert not (tmp_path / 'prepare').exists()
+
+
+def test_margin_model_from_a_pytorch_state_dict(tmp_path):
+  from test_models_peer import _cnn_state_dict  # random weights in PyTorch's layout
+
+  config = _config('default')
+  weights = tmp_path / 'released.npz'
+  # The default small CNN: convs (16, 32) on 28x28x1, each pooled (7x7 left), dense 128.
+  np.savez(weights, **_cnn_state_dict(np.random.RandomState(0), 1, (16, 32), (128,), 7))
+  config.margin_model.source = 'torch_npz'
+  config.margin_model.path = str(weights)
+  workdir = tmp_path / 'w'
+  for stage in ('prepare', 'margin_model', 'margins'):
+    pipeline.run(config, workdir, stage=stage)
+
+  expected = margins.model_fingerprint(models.import_torch_npz('small_cnn', str(weights)))
+  for stage in ('margin_model', 'margins'):
+    outputs = json.loads((workdir / stage / 'stage.json').read_text())['outputs']
+    assert outputs['model_fingerprint'] == expected, stage
+  assert not (workdir / 'margin_model' / 'checkpoints').exists()  # loaded, not trained
+  prepared = json.loads((workdir / 'prepare' / 'stage.json').read_text())['outputs']
+  n = prepared['real']['examples'] + prepared['generated']['examples']
+  assert json.loads((workdir / 'margins' / 'stage.json').read_text())['outputs']['examples'] == n
 
 
 class _Interrupt(Exception):
