@@ -182,6 +182,14 @@ def _digits(n, seed=0, shape=(28, 28, 1)):
   return rng.integers(0, 256, (n, *shape), dtype=np.uint8), rng.integers(0, 10, n)
 
 
+def test_a_build_does_not_claim_to_download(tmp_path, data_dir, capfd):
+  images, labels = _digits(8)
+  np.savez(tmp_path / 'gen.npz', image=images, label=labels)
+  prepared.prepare(_config(kind='npz', path=str(tmp_path / 'gen.npz'), name='quiet'), data_dir)
+  out = capfd.readouterr()
+  assert 'ownload' not in out.out + out.err, out
+
+
 @pytest.mark.parametrize('save', [np.savez, np.savez_compressed], ids=['stored', 'deflated'])
 def test_npz_build_keeps_file_order_in_the_requested_shards(tmp_path, data_dir, save, monkeypatch):
   images, labels = _digits(37)

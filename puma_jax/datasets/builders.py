@@ -131,6 +131,18 @@ class _ImageArrays(tfds.core.ShardBasedBuilder, skip_registration=True):
       for name, arrays in self._arrays.items()
     }
 
+  # TFDS prints "Downloading and preparing dataset ..." and "... downloaded and prepared"
+  # around every build. These builders download nothing; they log what they do instead.
+  def _log_download_bytes(self) -> None:
+    logging.info(
+      'writing dataset %s to %s (from local arrays; nothing is downloaded)',
+      self.name,
+      self.data_dir,
+    )
+
+  def _log_download_done(self) -> None:
+    logging.info('dataset %s written to %s', self.name, self.data_dir)
+
   def _download_and_prepare(self, dl_manager, download_config=None) -> None:
     super()._download_and_prepare(dl_manager, download_config)
     # Still inside TFDS's incomplete folder: the labels become visible with the shards.
