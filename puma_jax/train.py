@@ -297,7 +297,7 @@ def pruning_item(
   """The pruning output a run trains on, as a checkpoint item: source -> {'kept', 'eps'}."""
   item: dict[str, dict[str, np.ndarray]] = {}
   for name, ids in (kept or {}).items():
-    item.setdefault(name, {})['kept'] = np.asarray(ids, np.int64)
+    item.setdefault(name, {})['kept'] = np.asarray(ids)  # int32 from the prune stage
   for name, eps in (kept_eps or {}).items():
     item.setdefault(name, {})['eps'] = np.asarray(eps, np.float32)
   return item
