@@ -146,10 +146,15 @@ def summarize(hlo_text: str, events: list[dict]) -> dict:
 
 
 def profile_call(jitted, *args) -> dict:
-  """Runs `jitted(*args)` once under the profiler; `summarize` of it. Returns its result too."""
-  hlo_text = jitted.lower(*args).compile().as_text()
+  """Runs `jitted(*args)` once under the profiler; `summarize` of it. Returns its result too.
+
+  The call runs the very executable whose HLO is read (compiled ahead of time from
+  `jitted`), so the trace's instruction names are that HLO's.
+  """
+  compiled = jitted.lower(*args).compile()
+  hlo_text = compiled.as_text()
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-      result = jax.block_until_ready(jitted(*args))
+      result = jax.block_until_ready(compiled(*args))
     summary = summarize(hlo_text, trace_events(trace_dir))
   return summary, result

@@ -166,23 +166,6 @@ def _random_batch(n=8, seed=0):
   }
 
 
-def _random_variables(shapes, seed=0):
-  """Random weights (fan-in scaled kernels) and BatchNorm statistics of the init's shapes."""
-  rs = np.random.RandomState(seed)
-
-  def leaf(path, s):
-    name = jax.tree_util.keystr(path[-1:])
-    if name == "['mean']":
-      return jnp.zeros(s.shape, jnp.float32)
-    if name == "['var']":
-      return jnp.ones(s.shape, jnp.float32)
-    if name == "['kernel']":
-      return jnp.asarray(rs.randn(*s.shape) / np.sqrt(np.prod(s.shape[:-1])), jnp.float32)
-    return jnp.asarray((name == "['scale']") + 0.1 * rs.randn(*s.shape), jnp.float32)
-
-  return jax.tree.map_with_path(leaf, shapes)
-
-
 def _first_step(loss='trades', **model_overrides):
   """A fresh state and the state after one `steps.train_step` of the tiny config."""
   config = default.get_config('tiny')
@@ -191,23 +174,8 @@ def _first_step(loss='trades', **model_overrides):
     setattr(config.model, k, v)
   model = train.create_model(config.model)
   tx, schedule = train.make_optimizer(config)
-  if model_overrides:
-    # A ResNet's jitted (or eager) init takes seconds on CPU: random weights of its shapes.
-    x = jax.ShapeDtypeStruct((1, 28, 28, 1), jnp.float32)
-    shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
-    variables = _random_variables(shapes)
-    params, stats = variables['params'], variables['batch_stats']
-    state = steps.TrainState(
-      step=jnp.zeros((), jnp.int32),
-      params=params,
-      batch_stats=stats,
-      opt_state=tx.init(params),
-      ema_params=jax.tree.map(jnp.copy, params),
-      ema_batch_stats=jax.tree.map(jnp.copy, stats),
-    )
-  else:
-    init = functools.partial(steps.create_train_state, model=model, tx=tx, image_shape=(28, 28, 1))
-    state = jax.jit(init)(jax.random.key(0))
+  init = functools.partial(steps.create_train_state, model=model, tx=tx, image_shape=(28, 28, 1))
+  state = jax.jit(init)(jax.random.key(0))
   step = functools.partial(
     steps.train_step,
     model=model,

@@ -107,15 +107,9 @@ def _clean_reference_step(config, model, tx, state, batch):
   return jax.tree.map(lambda p, u: p + u, state.params, updates)
 
 
-@pytest.mark.parametrize('loss', ['trades', 'pgd_at'])
-def test_zero_eps_trains_exactly_clean(prepared, loss):
-  config = _config(loss=loss)
-  mesh = parallel.make_mesh(jax.devices()[:1])
-  model, tx, schedule, state = _setup(config, prepared, mesh)
-  batch = {k: jnp.asarray(v) for k, v in _batch(prepared).items()}
-  batch['eps'] = jnp.zeros_like(batch['eps'])
-  expected = _clean_reference_step(config, model, tx, state, batch)
-  step = functools.partial(
+def _pure_step(config, model, tx, schedule, loss):
+  """`steps.train_step` with 3 L-inf attack steps, unjitted and without a mesh."""
+  return functools.partial(
     steps.train_step,
     model=model,
     tx=tx,
@@ -128,6 +122,17 @@ def test_zero_eps_trains_exactly_clean(prepared, loss):
     label_smoothing=config.train.label_smoothing,
     ema_decay=0.995,
   )
+
+
+@pytest.mark.parametrize('loss', ['trades', 'pgd_at'])
+def test_zero_eps_trains_exactly_clean(prepared, loss):
+  config = _config(loss=loss)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  model, tx, schedule, state = _setup(config, prepared, mesh)
+  batch = {k: jnp.asarray(v) for k, v in _batch(prepared).items()}
+  batch['eps'] = jnp.zeros_like(batch['eps'])
+  expected = _clean_reference_step(config, model, tx, state, batch)
+  step = _pure_step(config, model, tx, schedule, loss)
   new_state, _ = jax.jit(step)(state, batch, jax.random.key(3))
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
@@ -159,19 +164,7 @@ def test_attack_passes_leave_batch_norm_statistics_alone(prepared, loss):
   mesh = parallel.make_mesh(jax.devices()[:1])
   model, tx, schedule, state = _setup(config, prepared, mesh)
   batch = {k: jnp.asarray(v) for k, v in _batch(prepared).items()}
-  step = functools.partial(
-    steps.train_step,
-    model=model,
-    tx=tx,
-    schedule=schedule,
-    loss=loss,
-    norm='linf',
-    num_steps=3,
-    step_size=0.25,
-    trades_beta=5.0,
-    label_smoothing=config.train.label_smoothing,
-    ema_decay=0.995,
-  )
+  step = _pure_step(config, model, tx, schedule, loss)
   # Radius 0 leaves x_adv = x exactly (see the tests above) while the attack still
   # runs its 3 x (forward + backward) passes, in eval mode: the statistics must be
   # those of the update's own train-mode passes on x and nothing more.
