@@ -331,7 +331,9 @@ def evaluate(
     split, batch_size=batch_size, num_examples=n, eps=eps, batch_indices=pending
   )
   for b, local in zip(pending, batches, strict=True):
-    batch = parallel.shard_batch(local, mesh)
+    batch = parallel.shard_batch(
+      input_pipeline.device_fields(local, input_pipeline.EVAL_FIELDS), mesh
+    )
     flags = jit_pgd(variables, batch, jax.random.fold_in(pgd_rng, b))
     if use_autoattack:
       still = flags[:, 0] & batch['mask']

@@ -240,7 +240,7 @@ def test_sharded_equals_single_device():
   fn = functools.partial(deepfool, logits_fn, max_iter=20)
   single = jax.jit(fn)(x, y)
   mesh = parallel.make_mesh()
-  assert parallel.num_shards(mesh) == 4
+  assert parallel.num_devices(mesh) == 4
   sharding = parallel.data_sharding(mesh)
   xs, ys = jax.device_put(x, sharding), jax.device_put(y, sharding)
   global_loop = jax.jit(fn)(xs, ys)
