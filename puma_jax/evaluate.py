@@ -442,9 +442,7 @@ def _main() -> None:
       )
       name = f'{config.model.name} ({checkpoint.value})'
     else:
-      model = train.create_model(config.model)
-      kwargs = {k: v for k, v in config.model.items() if k not in ('name', 'dtype')}
-      variables = models.import_torch_npz(config.model.name, torch_npz.value, **kwargs)
+      model, variables = models.load_torch_npz(config.model, torch_npz.value)
       name = f'{config.model.name} ({torch_npz.value})'
     report = evaluate_workdir(
       config,
