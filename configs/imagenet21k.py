@@ -4,7 +4,7 @@ The data arrives as a folder tree with one subfolder of JPEGs per class.
 Convert it once to array_record shards (streamed, parallel, resumable;
 `pip install -e '.[imagenet]'` for Pillow), then point the config at it:
 
-  python -m puma_jax.datasets.image_folder --src=/data/winter21_whole \\
+  python -m tools.image_folder --src=/data/winter21_whole \\
       --data_dir=/data/tfds --name=imagenet21k_100_64 --resolution=64 \\
       --num_classes=100 --class_selection=largest --train_shards=64
   python -m puma_jax.main --config=configs/imagenet21k.py:subset100 \\

@@ -305,7 +305,7 @@ def train_step_rows(name, args, peer, recorded):
   jit_steps, states = {}, {}
   for kind in TRAIN_KINDS:
     config = train_config(kind, b)
-    tx, schedule = train.make_optimizer(config)
+    tx, schedule = train.optimizer_from_config(config)
     state = steps.create_train_state(jax.random.key(0), model, tx, batch['image'].shape[1:])
     stats = variables.get('batch_stats', {})
     state = state.replace(

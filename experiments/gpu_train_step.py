@@ -90,7 +90,7 @@ def time_train_step(config, devices: Sequence[jax.Device], *, steps_timed: int) 
   if b % len(devices):
     sys.exit(f'--batch-size {b} must divide over the {len(devices)} devices of the mesh')
   model = train.create_model(config.model)
-  tx, schedule = train.make_optimizer(config)
+  tx, schedule = train.optimizer_from_config(config)
   init = jax.jit(
     lambda rng: steps.create_train_state(rng, model, tx, (32, 32, 3)),
     out_shardings=parallel.replicated(mesh),

@@ -331,7 +331,9 @@ def evaluate(
     split, batch_size=batch_size, num_examples=n, eps=eps, batch_indices=pending
   )
   for b, local in zip(pending, batches, strict=True):
-    batch = parallel.shard_batch(local, mesh)
+    batch = parallel.shard_batch(
+      input_pipeline.device_fields(local, input_pipeline.EVAL_FIELDS), mesh
+    )
     flags = jit_pgd(variables, batch, jax.random.fold_in(pgd_rng, b))
     if use_autoattack:
       still = flags[:, 0] & batch['mask']
@@ -440,9 +442,7 @@ def _main() -> None:
       )
       name = f'{config.model.name} ({checkpoint.value})'
     else:
-      model = train.create_model(config.model)
-      kwargs = {k: v for k, v in config.model.items() if k not in ('name', 'dtype')}
-      variables = models.import_torch_npz(config.model.name, torch_npz.value, **kwargs)
+      model, variables = models.load_torch_npz(config.model, torch_npz.value)
       name = f'{config.model.name} ({torch_npz.value})'
     report = evaluate_workdir(
       config,

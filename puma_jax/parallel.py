@@ -35,13 +35,19 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def num_shards(mesh: Mesh) -> int:
+def num_devices(mesh: Mesh) -> int:
+  """The number of devices along the data axis, over which batches are split."""
   return mesh.shape[DATA_AXIS]
+
+
+# The old name (it counts devices, not dataset shards); kept until margins.py, the experiments
+# and the tutorial use num_devices.
+num_shards = num_devices
 
 
 def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
   """This process's share of a global batch; checks that the batch divides evenly."""
-  n_dev = num_shards(mesh)
+  n_dev = num_devices(mesh)
   if global_batch_size % n_dev:
     raise ValueError(
       f'batch size {global_batch_size} is not divisible by the {n_dev} devices of the '

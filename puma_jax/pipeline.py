@@ -169,9 +169,7 @@ def _load_margin_model(ctx: Context) -> tuple[Any, Any]:
   if source == 'checkpoint':
     image_shape = ctx.prepared().real_train.image_shape
     return train.restore_ema_variables(cfg, Path(path), image_shape)
-  model = train.create_model(cfg.model)
-  kwargs = {k: v for k, v in cfg.model.items() if k not in ('name', 'dtype')}
-  return model, models.import_torch_npz(cfg.model.name, path, **kwargs)
+  return models.load_torch_npz(cfg.model, path)
 
 
 def run_margin_model(ctx: Context) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from puma_jax import attacks
-from puma_jax.attacks import losses
+from puma_jax.attacks import losses, lp
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -205,8 +205,9 @@ def train_step(
       # with its own batch statistics and both update the running averages.
       logits_clean, stats = forward_train(params, state.batch_stats, batch['image'])
       logits_adv, new_stats = forward_train(params, stats, x_adv)
-      # Radii <= 0 train clean: their KL term is exactly zero, gradient included.
-      logits_q = jnp.where((eps > 0)[:, None], logits_adv, logits_clean)
+      # Radii <= 0 train clean (lp.split_eps): their KL term is exactly zero, gradient included.
+      radius, _ = lp.split_eps(eps, helpful=False)
+      logits_q = jnp.where((radius > 0)[:, None], logits_adv, logits_clean)
       per_example = losses.cross_entropy(
         logits_clean, y, label_smoothing=label_smoothing
       ) + trades_beta * losses.kl_divergence(logits_clean, logits_q)

@@ -32,7 +32,7 @@ def create_model(model_config: Any):
   return models.create(kwargs.pop('name'), **kwargs)
 
 
-def make_optimizer(config: Any, num_steps: int | None = None):
+def optimizer_from_config(config: Any, num_steps: int | None = None):
   """The optimiser and learning-rate schedule of `config.train`."""
   train = config.train
   return steps.make_optimizer(
@@ -108,7 +108,11 @@ def evaluate_pgd(
   sums = []
   for i, batch in enumerate(batches):
     sums.append(
-      jit_eval_step(variables, parallel.shard_batch(batch, mesh), jax.random.fold_in(rng, i))
+      jit_eval_step(
+        variables,
+        parallel.shard_batch(input_pipeline.device_fields(batch, input_pipeline.EVAL_FIELDS), mesh),
+        jax.random.fold_in(rng, i),
+      )
     )
   for s in jax.device_get(sums):
     for k in totals:
@@ -187,7 +191,7 @@ def train_and_evaluate(
     )
   parallel.local_batch_size(train_cfg.batch_size, mesh)
   parallel.local_batch_size(config.eval.batch_size, mesh)
-  tx, schedule = make_optimizer(config, total)
+  tx, schedule = optimizer_from_config(config, total)
   init_rng, train_rng, eval_rng = _rngs(config.seed)
   state = _init_state(model, tx, prepared.real_train.image_shape, mesh, init_rng)
 
@@ -266,7 +270,8 @@ def train_and_evaluate(
   result: dict[str, float] = {}
   try:
     for step in range(start + 1, total + 1):
-      batch = parallel.shard_batch(next(train_iter), mesh)
+      batch = input_pipeline.device_fields(next(train_iter), input_pipeline.TRAIN_FIELDS)
+      batch = parallel.shard_batch(batch, mesh)
       state, metrics = jit_train_step(state, batch, train_rng)
       history.append(metrics)
       progress.update(1)
@@ -327,7 +332,7 @@ def restore_ema_variables(config: Any, workdir: str | Path, image_shape: tuple[i
   workdir = Path(workdir)
   mesh = parallel.make_mesh()
   model = create_model(config.model)
-  tx, _ = make_optimizer(config)
+  tx, _ = optimizer_from_config(config)
   abstract = jax.eval_shape(
     functools.partial(steps.create_train_state, model=model, tx=tx, image_shape=image_shape),
     jax.random.key(0),

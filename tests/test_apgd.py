@@ -149,7 +149,7 @@ def test_matches_a_transcription_of_the_algorithm(mlp, norm, eps):
   """Step sizes, momentum, both halving conditions and restarts, step by step."""
   logits_fn, x, y = mlp
   keys = jax.random.split(jax.random.key(4), x.shape[0])
-  start = lp.random_in_ball(keys, x, lp.batch_eps(eps, x.shape[0]), norm)
+  start = lp.random_on_sphere(keys, x, lp.batch_eps(eps, x.shape[0]), norm)
   expected = _apgd_transcription(logits_fn, x, y, eps, start, norm=norm, num_steps=30)
   run = functools.partial(apgd_lib.apgd, logits_fn, norm=norm, num_steps=30, stop_on_success=False)
   out = jax.jit(run)(keys, x, y, eps)
@@ -180,7 +180,7 @@ def test_halving_converges_to_an_interior_maximum():
 def _pgd(logits_fn, rng, x, y, eps, *, norm, num_steps):
   """Plain PGD with a random start, step 2.5 eps / num_steps (Madry et al.); best CE."""
   eps_b = lp.batch_eps(eps, x.shape[0])
-  z = lp.random_in_ball(lp.example_keys(rng, x.shape[0]), x, eps_b, norm)
+  z = lp.random_on_sphere(lp.example_keys(rng, x.shape[0]), x, eps_b, norm)
 
   def ce(z):
     return losses.cross_entropy(logits_fn(z), y)

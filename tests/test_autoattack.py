@@ -116,7 +116,7 @@ def test_sharded_chunked_and_padded_equal_one_device(data):
   rng = jax.random.key(0)
   single = _runner(logits_fn, 'linf')(rng, x, y)
   mesh = parallel.make_mesh()
-  assert parallel.num_shards(mesh) == 4
+  assert parallel.num_devices(mesh) == 4
   map_fn = functools.partial(parallel.per_device, mesh=mesh, num_batched_args=4)
   mask = jnp.arange(32) < 28  # the last four rows are padding
   keys = jax.random.split(rng, 32)

@@ -127,7 +127,7 @@ def workdir(tmp_path_factory):
   stages.atomic_write_json(wd / 'config.json', json.loads(config.to_json_best_effort()))
   prepared = datasets.prepare(config.data, wd / 'data')
   model = train.create_model(config.model)
-  tx, _ = train.make_optimizer(config)
+  tx, _ = train.optimizer_from_config(config)
   state = steps.create_train_state(jax.random.key(0), model, tx, prepared.real_test.image_shape)
   with checkpointing.Checkpointer(wd / 'train' / 'checkpoints') as ckpt:
     ckpt.save(0, {'state': state, 'data_iter': {'step': 0}})

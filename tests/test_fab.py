@@ -135,8 +135,8 @@ def _fab_transcription(logits_fn, x, y, target, *, norm, num_steps, alpha_max, e
     f, w = diff_and_grad(x1)
     b = np.sum(w * x1, axis=1) - f  # the linearised boundary w.z = b
     d1, d2 = step_to_plane(x1, w, b), step_to_plane(x0, w, b)
-    n1 = np.maximum(np.linalg.norm(d1, ord=ord_, axis=1), 1e-8)
-    n2 = np.maximum(np.linalg.norm(d2, ord=ord_, axis=1), 1e-8)
+    n1 = np.maximum(np.linalg.norm(d1, ord=ord_, axis=1), 1e-12)
+    n2 = np.maximum(np.linalg.norm(d2, ord=ord_, axis=1), 1e-12)
     alpha = np.minimum(n1 / (n1 + n2), alpha_max)[:, None]
     x1 = np.clip((1 - alpha) * (x1 + eta * d1) + alpha * (x0 + eta * d2), 0, 1)
     adv = np.argmax(logits(x1), axis=1) != np.asarray(y)

@@ -1,4 +1,4 @@
-"""The image-folder converter (puma_jax/datasets/image_folder.py) on small generated trees."""
+"""The image-folder converter (tools/image_folder, run from a checkout) on small generated trees."""
 
 import concurrent.futures.process
 import importlib.util
@@ -15,7 +15,9 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from puma_jax.datasets import DataError, image_folder, prepare, splits
+from puma_jax.datasets import DataError, prepare, splits
+from tools import image_folder
+from tools.image_folder import conversion, shards
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = 'tiny21k'
@@ -198,18 +200,18 @@ def test_jpeg_draft_is_close_to_a_full_decode(tmp_path):
   assert np.abs(fast.astype(int) - full).mean() < 4.0
 
 
-def _kill_after(shards: int, monkeypatch):
+def _kill_after(num_written: int, monkeypatch):
   """Makes the k+1-th shard write fail, as if the process died there."""
-  real = image_folder._write_shard
+  real = shards.write_shard
   calls = []
 
   def write(task):
-    if len(calls) == shards:
+    if len(calls) == num_written:
       raise KeyboardInterrupt('injected failure')
     calls.append(task.path.name)
     return real(task)
 
-  monkeypatch.setattr(image_folder, '_write_shard', write)
+  monkeypatch.setattr(shards, 'write_shard', write)
   return calls
 
 
@@ -249,10 +251,8 @@ def test_a_damaged_complete_shard_is_written_again(tree, reference, tmp_path, mo
   damaged = work / f'{NAME}-train.array_record-00001-of-00003'
   damaged.write_bytes(damaged.read_bytes()[:-10])  # Truncated after it was recorded.
   rewritten = []
-  real = image_folder._write_shard
-  monkeypatch.setattr(
-    image_folder, '_write_shard', lambda t: rewritten.append(t.path.name) or real(t)
-  )
+  real = shards.write_shard
+  monkeypatch.setattr(shards, 'write_shard', lambda t: rewritten.append(t.path.name) or real(t))
   out = image_folder.convert(src, data_dir, NAME, _settings(classes), workers=0)
   assert sorted(rewritten) == sorted(
     [damaged.name] + [f'{NAME}-test.array_record-0000{k}-of-00002' for k in (0, 1)]
@@ -295,7 +295,7 @@ def test_command_line_with_a_worker_pool(tree, reference, tmp_path):
     '--nojpeg_draft',
     '--workers=2',
   ]
-  cmd = [sys.executable, '-m', 'puma_jax.datasets.image_folder', *args]
+  cmd = [sys.executable, '-m', 'tools.image_folder', *args]
   proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f'--config.data.real.name={NAME}' in proc.stdout
@@ -316,12 +316,13 @@ def test_conversion_killed_by_sigkill_resumes(tree, reference, tmp_path):
   data_dir = tmp_path / 'data'
   script = f"""
 import time
-from puma_jax.datasets import image_folder
-load = image_folder.load_image
+from tools import image_folder
+from tools.image_folder import shards
+load = shards.load_image
 def slow(*args, **kwargs):
   time.sleep(0.3)
   return load(*args, **kwargs)
-image_folder.load_image = slow
+shards.load_image = slow
 s = image_folder.Settings(resolution={R}, classes_file={str(classes)!r}, test_per_class=1,
                           train_shards=3, test_shards=2, jpeg_draft=False)
 image_folder.convert({str(src)!r}, {str(data_dir)!r}, {NAME!r}, s, workers=0)
@@ -507,4 +508,4 @@ def test_missing_pillow_says_how_to_install_it(tmp_path, monkeypatch):
 def test_a_worker_that_dies_stops_the_conversion():
   # A worker killed by the OS (e.g. out of memory) must fail the run, not hang it.
   with pytest.raises(concurrent.futures.process.BrokenProcessPool):
-    list(image_folder._pool_map(os._exit, iter([3, 3, 3]), 1))
+    list(conversion._pool_map(os._exit, iter([3, 3, 3]), 1))

@@ -129,7 +129,7 @@ def test_warmup_longer_than_the_run_still_reaches_the_peak():
   np.testing.assert_allclose(got, [0.0, 0.05, 0.1, 0.0], rtol=1e-6, atol=1e-9)
 
 
-def test_train_make_optimizer_takes_every_setting_from_the_config():
+def test_train_optimizer_from_config_takes_every_setting_from_the_config():
   config = default.get_config('tiny')
   config.train.learning_rate = 0.2
   config.train.num_steps = 12
@@ -137,10 +137,10 @@ def test_train_make_optimizer_takes_every_setting_from_the_config():
   config.train.momentum = 0.8
   config.train.nesterov = False
   config.train.weight_decay = 0.01
-  tx, schedule = train.make_optimizer(config)
+  tx, schedule = train.optimizer_from_config(config)
   for step, lr in {2: 0.1, 4: 0.2, 8: 0.1, 12: 0.0}.items():
     assert float(schedule(step)) == pytest.approx(lr, rel=1e-6, abs=1e-9), step
-  _, shorter = train.make_optimizer(config, num_steps=8)
+  _, shorter = train.optimizer_from_config(config, num_steps=8)
   assert float(shorter(6)) == pytest.approx(0.1, rel=1e-6)
   params = {'dense': {'kernel': jnp.full((2, 3), 2.0), 'bias': jnp.ones((3,))}}
   _, u1 = _two_zero_gradient_updates(tx, params)
@@ -173,7 +173,7 @@ def _first_step(loss='trades', **model_overrides):
   for k, v in model_overrides.items():
     setattr(config.model, k, v)
   model = train.create_model(config.model)
-  tx, schedule = train.make_optimizer(config)
+  tx, schedule = train.optimizer_from_config(config)
   init = functools.partial(steps.create_train_state, model=model, tx=tx, image_shape=(28, 28, 1))
   state = jax.jit(init)(jax.random.key(0))
   step = functools.partial(

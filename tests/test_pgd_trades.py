@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from puma_jax import parallel
-from puma_jax.attacks import losses, pgd, trades_perturb
+from puma_jax.attacks import losses, lp, pgd, trades_perturb
 
 B = 16
 EPS = np.array([0.1, 0.03, 0.0, -0.05, 0.2, -0.1, 0.0, 0.05] * 2, np.float32)
@@ -57,6 +57,31 @@ def test_pgd_respects_each_radius_and_direction(norm):
   # The attack uses its budget: most examples end on the sphere of their radius.
   on_sphere = np.isclose(_norms(x_adv - x, norm), np.abs(EPS), rtol=1e-3)[EPS != 0]
   assert on_sphere.mean() >= 0.5
+
+
+def test_split_eps_is_the_meaning_of_a_signed_radius():
+  radius, direction = lp.split_eps(EPS)
+  np.testing.assert_array_equal(radius, np.abs(EPS))
+  np.testing.assert_array_equal(direction, np.sign(EPS))
+  # Without a helpful direction (TRADES), radii <= 0 are clean: radius 0, direction 0.
+  radius, direction = lp.split_eps(EPS, helpful=False)
+  np.testing.assert_array_equal(radius, np.where(EPS > 0, EPS, 0.0))
+  np.testing.assert_array_equal(direction, (EPS > 0).astype(np.float32))
+
+
+@pytest.mark.parametrize('norm', ['linf', 'l2'])
+def test_projection_keeps_points_inside_and_pulls_others_to_the_sphere(norm):
+  x, _ = _data(5)
+  radius = np.abs(EPS)
+  step = np.random.RandomState(6).randn(*x.shape).astype(np.float32)
+  inside = np.clip(x + 1e-3 * lp.normalize(step, norm), 0, 1)  # within every radius >= 1e-3
+  kept = np.asarray(lp.project(inside, x, radius, norm))
+  big = radius >= 1e-3
+  np.testing.assert_array_equal(kept[big], np.clip(x + (inside - x), 0, 1)[big])
+  outside = np.asarray(lp.project(x + 10.0 * step, x, radius, norm))
+  assert (_norms(outside - x, norm) <= radius + 1e-6).all()
+  assert outside.min() >= 0 and outside.max() <= 1
+  np.testing.assert_array_equal(outside[radius == 0], x[radius == 0])
 
 
 def test_pgd_step_size_and_random_start_scale_with_eps():

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from puma_jax import margins, models, pipeline, stages, train
-from puma_jax.datasets import cifar, image_folder
+from puma_jax.datasets import cifar
+from tools import image_folder
 
 STAGE_DIRS = ('prepare', 'margin_model', 'margins', 'prune', 'train', 'evaluate', 'report')
 

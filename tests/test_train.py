@@ -49,7 +49,7 @@ def _batch(prepared, n=16, seed=0):
 
 def _setup(config, prepared, mesh):
   model = train.create_model(config.model)
-  tx, schedule = train.make_optimizer(config)
+  tx, schedule = train.optimizer_from_config(config)
   state = train._init_state(model, tx, prepared.real_train.image_shape, mesh, jax.random.key(0))
   return model, tx, schedule, state
 

@@ -162,7 +162,7 @@ def apgd(
     return values, jnp.argmax(logits, axis=-1) != y, grad
 
   sel = functools.partial(_select, like=x)
-  x_start = sel(active, lp.random_in_ball(keys, x, eps, norm), x)
+  x_start = sel(active, lp.random_on_sphere(keys, x, eps, norm), x)
   checks = jnp.asarray(checkpoints(num_steps) + [num_steps + 1], jnp.int32)
   minus_inf = jnp.full((batch,), -jnp.inf)
 
@@ -242,10 +242,7 @@ def apgd(
     # The next step: a gradient step, then momentum 0.75 (none on the first step).
     x_cur, grad = t['x_adv'], t['grad']
     a = jnp.where(first, 1.0, 0.75)
-    if norm == 'linf':
-      direction = jnp.sign(grad)
-    else:
-      direction = lp.normalize(grad, 'l2')
+    direction = lp.steepest_ascent(grad, norm)
     z1 = lp.project(x_cur + lp.expand(t['step'], x) * direction, x, eps, norm)
     z1 = lp.project(x_cur + a * (z1 - x_cur) + (1.0 - a) * (x_cur - t['x_prev']), x, eps, norm)
     t['z'] = sel(upd, z1, z)

@@ -76,11 +76,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from puma_jax.attacks import lp
+
 # Added to each step's distance, as in the original DeepFool code and foolbox.
 _STABILITY = 1e-4
-# Added to the gradient norms before dividing, as in the original code and foolbox.
-_TINY = 1e-8
-NORMS = ('l2', 'linf')
+NORMS = lp.NORMS
 
 
 class DeepFoolResult(NamedTuple):
@@ -163,8 +163,7 @@ def deepfool(
     `DeepFoolResult(margin f32[N], perturbation f32[N,...], iterations i32[N],
     converged bool[N])`.
   """
-  if norm not in NORMS:
-    raise ValueError(f'deepfool: norm must be one of {NORMS}, got {norm!r}')
+  lp.check_norm(norm)
   if num_candidates < 2:
     raise ValueError(
       f'deepfool: num_candidates must be >= 2 (the label and at least one other class), '
@@ -189,23 +188,16 @@ def deepfool(
   if num_competitors < 1:
     raise ValueError(f'deepfool: the model has {num_classes} class(es); DeepFool needs >= 2')
 
-  feature_axes = tuple(range(1, x.ndim))
-  expand = lambda v: v.reshape(v.shape + (1,) * len(feature_axes))
+  expand = lambda v: lp.expand(v, x)
   apply_clip = (lambda v: v) if clip is None else (lambda v: jnp.clip(v, clip[0], clip[1]))
-  if norm == 'l2':
-    dual_norm = lambda g: jnp.sqrt(jnp.sum(g * g, axis=feature_axes))
-    size = dual_norm
-  else:
-    dual_norm = lambda g: jnp.sum(jnp.abs(g), axis=feature_axes)
-    size = lambda v: jnp.max(jnp.abs(v), axis=feature_axes)
 
   def iterate(s: _Slots, iterate_sum: jax.Array) -> jax.Array:
     return apply_clip(s.x + (1.0 + overshoot) * iterate_sum)
 
   def step(s: _Slots, correct, f_diff: jax.Array, grads: jax.Array):
     """One DeepFool step from f_diff f32[B,C-1] = f_k - f_y and grads f32[C-1,B,...]."""
-    w_norm = jax.vmap(dual_norm)(grads).T  # [B,C-1]
-    dist = jnp.abs(f_diff) / (w_norm + _TINY)
+    w_norm = jax.vmap(lambda g: lp.dual_norm(g, norm))(grads).T  # [B,C-1]
+    dist = jnp.abs(f_diff) / (w_norm + lp.TINY)
     # Correct: the closest boundary. Misclassified: the farthest boundary among the
     # classes still above y (inf marks a class with nothing to fix).
     key = jnp.where(correct[:, None], dist, jnp.where(f_diff > 0, -dist, jnp.inf))
@@ -213,7 +205,7 @@ def deepfool(
     rows = jnp.arange(b)
     d, best_norm, w = dist[rows, best], w_norm[rows, best], grads[best, rows]
     movable = jnp.isfinite(key[rows, best]) & (best_norm > 0) & jnp.isfinite(d)
-    u = w / expand(best_norm + _TINY) if norm == 'l2' else jnp.sign(w)
+    u = w / expand(best_norm + lp.TINY) if norm == 'l2' else jnp.sign(w)
     u = u * expand(jnp.where(correct, 1.0, -1.0))
     moving = expand(movable)
     r = s.r + jnp.where(moving, expand(d) * u, 0.0)
@@ -243,7 +235,7 @@ def deepfool(
     # Write the finished examples' results (index n is dropped).
     out = jnp.where(done, s.example, n)
     delta = apply_clip(s.x + r) - s.x if clip is not None else r
-    margin = jnp.where(correct, 1.0, -1.0) * size(delta)
+    margin = jnp.where(correct, 1.0, -1.0) * lp.lp_norm(delta, norm)
     res = state.result
     res = DeepFoolResult(
       margin=res.margin.at[out].set(margin, mode='drop'),

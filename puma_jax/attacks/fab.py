@@ -181,8 +181,8 @@ def fab(
       jnp.concatenate([x1, x0]), jnp.concatenate([w, w]), jnp.concatenate([b, b]), norm
     )
     d1, d2 = d[:batch], d[batch:]
-    a1 = jnp.maximum(lp.lp_norm(d1, norm), 1e-8)
-    a2 = jnp.maximum(lp.lp_norm(d2, norm), 1e-8)
+    a1 = jnp.maximum(lp.lp_norm(d1, norm), lp.TINY)
+    a2 = jnp.maximum(lp.lp_norm(d2, norm), lp.TINY)
     alpha = jnp.clip(a1 / (a1 + a2), 0.0, alpha_max)[:, None]
     x_new = jnp.clip((x1 + eta * d1) * (1.0 - alpha) + (x0 + eta * d2) * alpha, 0.0, 1.0)
     wrong = misclassified(x_new)

@@ -8,6 +8,8 @@ or L2) and the box [0, 1]:
   label (PUMA gives negative radii to examples its margin model misclassifies);
 * eps_i = 0: returns x_i exactly.
 
+(`lp.split_eps` states this meaning once, for every attack and loss.)
+
 The step size and the random start scale with |eps_i|: `step_size` is relative,
 so `step_size=0.25` gives 2/255 steps for eps 8/255. An example's result depends
 only on its own input, label, radius and random start, not on the rest of the
@@ -19,8 +21,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-NORMS = ('linf', 'l2')
-_TINY = 1e-12
+from puma_jax.attacks import lp
 
 
 def pgd(
@@ -56,20 +57,22 @@ def pgd(
   Returns:
     x_adv f32[B,...] with ||x_adv - x|| <= |eps_i| per example (up to float rounding).
   """
-  x, radius, direction = _prepare(x, eps, norm, num_steps)
+  x, radius, direction = check_inputs(x, eps, norm, num_steps)
   if random_start:
-    x_adv = _project(x + _random_start(rng, x, radius, norm), x, radius, norm)
+    x_adv = lp.project(x + lp.random_start(rng, x, radius, norm), x, radius, norm)
   else:
     x_adv = x
 
   grad_fn = jax.grad(lambda v: jnp.sum(loss_fn(v, y).astype(jnp.float32)))
-  x_adv = _iterate(grad_fn, x, x_adv, radius, direction, norm, num_steps, step_size)
-  return jnp.where(_expand(radius, x) > 0, x_adv, x)
+  x_adv = projected_steps(grad_fn, x, x_adv, radius, direction, norm, num_steps, step_size)
+  return jnp.where(lp.expand(radius, x) > 0, x_adv, x)
 
 
-def _prepare(x, eps, norm, num_steps):
-  if norm not in NORMS:
-    raise ValueError(f'norm must be one of {NORMS}, got {norm!r}')
+def check_inputs(
+  x: jax.Array, eps: jax.Array, norm: str, num_steps: int, *, helpful: bool = True
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Validates an attack's inputs; returns x f32[B,...] and `lp.split_eps(eps, helpful=...)`."""
+  lp.check_norm(norm)
   if num_steps < 0:
     raise ValueError(f'num_steps must be >= 0, got {num_steps}')
   x = jnp.asarray(x, jnp.float32)
@@ -78,51 +81,28 @@ def _prepare(x, eps, norm, num_steps):
     raise ValueError(
       f'eps must have shape ({x.shape[0]},), one radius per example; got {eps.shape}'
     )
-  return x, jnp.abs(eps), jnp.sign(eps)
+  return (x, *lp.split_eps(eps, helpful=helpful))
 
 
-def _expand(v: jax.Array, like: jax.Array) -> jax.Array:
-  return v.reshape(v.shape + (1,) * (like.ndim - 1))
+def projected_steps(
+  grad_fn: Callable[[jax.Array], jax.Array],
+  x: jax.Array,
+  x_adv: jax.Array,
+  radius: jax.Array,
+  direction: jax.Array,
+  norm: str,
+  num_steps: int,
+  step_size: float,
+) -> jax.Array:
+  """`num_steps` projected steps from x_adv f32[B,...] (PGD's and TRADES' inner loop).
 
-
-def _l2_norm(v: jax.Array) -> jax.Array:
-  return jnp.sqrt(jnp.sum(v * v, axis=tuple(range(1, v.ndim))))
-
-
-def _random_start(rng: jax.Array, x: jax.Array, radius: jax.Array, norm: str) -> jax.Array:
-  r = _expand(radius, x)
-  if norm == 'linf':
-    return r * jax.random.uniform(rng, x.shape, jnp.float32, -1.0, 1.0)
-  k_dir, k_len = jax.random.split(rng)
-  d = jax.random.normal(k_dir, x.shape, jnp.float32)
-  d = d / _expand(jnp.maximum(_l2_norm(d), _TINY), x)
-  return d * r * _expand(jax.random.uniform(k_len, radius.shape), x)
-
-
-def _project(x_adv: jax.Array, x: jax.Array, radius: jax.Array, norm: str) -> jax.Array:
-  """Onto {v : ||v - x|| <= radius} and then [0, 1]; the box step never leaves the ball."""
-  delta = x_adv - x
-  r = _expand(radius, x)
-  if norm == 'linf':
-    delta = jnp.clip(delta, -r, r)
-  else:
-    n = _expand(_l2_norm(delta), x)
-    delta = delta * jnp.minimum(1.0, r / jnp.maximum(n, _TINY))
-  # With x in [0, 1], clipping x + delta only shrinks each |delta_j|.
-  return jnp.clip(x + delta, 0.0, 1.0)
-
-
-def _ascent_direction(g: jax.Array, norm: str) -> jax.Array:
-  if norm == 'linf':
-    return jnp.sign(g)
-  return g / _expand(jnp.maximum(_l2_norm(g), _TINY), g)
-
-
-def _iterate(grad_fn, x, x_adv, radius, direction, norm, num_steps, step_size):
-  """`num_steps` projected steps of length step_size*radius along `direction` * ascent."""
-  alpha = _expand(step_size * radius * direction, x)
+  Each step moves example i by `step_size * radius_i * direction_i` along the
+  steepest ascent of `grad_fn` (sign for L-infinity, normalised for L2), then
+  projects onto the radius_i-ball around x and onto [0, 1].
+  """
+  alpha = lp.expand(step_size * radius * direction, x)
 
   def body(_, v):
-    return _project(v + alpha * _ascent_direction(grad_fn(v), norm), x, radius, norm)
+    return lp.project(v + alpha * lp.steepest_ascent(grad_fn(v), norm), x, radius, norm)
 
   return jax.lax.fori_loop(0, num_steps, body, x_adv)

@@ -103,10 +103,10 @@ def _pattern(inside, i, j, side, flip):
   bottom = inside & (i >= half)
   up = jnp.where(top, _rectangles(i, j, half, full, table), 0.0)
   down = jnp.where(bottom, _rectangles(i - half, j, full - half, full, table), 0.0)
-  up = up / (jnp.sqrt(jnp.sum(up * up, axis=(1, 2), keepdims=True)) + 1e-12)
-  down = down / (jnp.sqrt(jnp.sum(down * down, axis=(1, 2), keepdims=True)) + 1e-12)
+  up = up / (jnp.sqrt(jnp.sum(up * up, axis=(1, 2), keepdims=True)) + lp.TINY)
+  down = down / (jnp.sqrt(jnp.sum(down * down, axis=(1, 2), keepdims=True)) + lp.TINY)
   eta = up - down
-  return eta / (jnp.sqrt(jnp.sum(eta * eta, axis=(1, 2), keepdims=True)) + 1e-12)
+  return eta / (jnp.sqrt(jnp.sum(eta * eta, axis=(1, 2), keepdims=True)) + lp.TINY)
 
 
 def _channel_norms(v: jax.Array) -> jax.Array:
@@ -284,12 +284,12 @@ def propose(
   delta = x_best - x
   total = lp.expand(lp.lp_norm(delta, 'l2'), x)
   old = jnp.where(inside, delta, 0.0)
-  new = eta * signs + old / (_channel_norms(old) + 1e-12)
+  new = eta * signs + old / (_channel_norms(old) + lp.TINY)
   # The window takes its own and the second window's mass plus an equal share of what
   # is left of the budget eps^2 - |delta|^2; the second window is emptied.
   budget = jnp.maximum(e * e - total * total, 0.0) / channels
   mass = _channel_norms(jnp.where(inside | inside2, delta, 0.0)) ** 2
-  new = new / (_channel_norms(jnp.where(inside, new, 0.0)) + 1e-12) * jnp.sqrt(budget + mass)
+  new = new / (_channel_norms(jnp.where(inside, new, 0.0)) + lp.TINY) * jnp.sqrt(budget + mass)
   delta = jnp.where(inside, new, jnp.where(inside2, 0.0, delta))
   return jnp.clip(x + e * lp.normalize(delta, 'l2'), 0.0, 1.0)
 

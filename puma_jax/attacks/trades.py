@@ -14,8 +14,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from puma_jax.attacks import losses
-from puma_jax.attacks.pgd import _expand, _iterate, _prepare, _project
+from puma_jax.attacks import losses, lp
+from puma_jax.attacks.pgd import check_inputs, projected_steps
 
 # The reference implementation's start: x + 0.001 * N(0, 1), projected.
 _START_SCALE = 0.001
@@ -49,16 +49,13 @@ def trades_perturb(
   Returns:
     x_adv f32[B,...].
   """
-  x, _, _ = _prepare(x, eps, norm, num_steps)
-  radius = jnp.maximum(jnp.asarray(eps, jnp.float32), 0.0)
+  x, radius, direction = check_inputs(x, eps, norm, num_steps, helpful=False)
   clean_logits = jax.lax.stop_gradient(logits_fn(x).astype(jnp.float32))
 
   def kl_sum(v):
     return jnp.sum(losses.kl_divergence(clean_logits, logits_fn(v)))
 
   start = x + _START_SCALE * jax.random.normal(rng, x.shape, jnp.float32)
-  x_adv = _project(start, x, radius, norm)
-  x_adv = _iterate(
-    jax.grad(kl_sum), x, x_adv, radius, jnp.ones_like(radius), norm, num_steps, step_size
-  )
-  return jnp.where(_expand(radius, x) > 0, x_adv, x)
+  x_adv = lp.project(start, x, radius, norm)
+  x_adv = projected_steps(jax.grad(kl_sum), x, x_adv, radius, direction, norm, num_steps, step_size)
+  return jnp.where(lp.expand(radius, x) > 0, x_adv, x)

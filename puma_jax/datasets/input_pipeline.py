@@ -23,7 +23,9 @@ prepare the next batches while the accelerator runs.
 Batches are dicts of numpy arrays: `image` f32[b,H,W,C] in [0,1], `label` i32[b],
 `index` i32[b] (the example's global id in its source's split), `source` i32[b]
 (0 real, 1 generated), `eps` f32[b]; evaluation and shard batches add `mask`
-bool[b] (False on padding rows of the last batch).
+bool[b] (False on padding rows of the last batch). Only the fields a step reads go to
+the devices (`device_fields` with `TRAIN_FIELDS` or `EVAL_FIELDS`); `source`, and `eps`
+in evaluation, stay on the host for bookkeeping.
 """
 
 import dataclasses
@@ -41,6 +43,17 @@ from puma_jax.datasets.errors import DataError
 from puma_jax.datasets.splits import SOURCE_IDS, Split
 
 Batch = dict[str, np.ndarray]
+
+# The fields that the train step and the evaluation steps read (`steps`, `evaluate`).
+TRAIN_FIELDS = ('image', 'label', 'index', 'eps')
+EVAL_FIELDS = ('image', 'label', 'index', 'mask')
+
+
+def device_fields(batch: Mapping[str, Any], fields: Sequence[str]) -> dict[str, Any]:
+  """The `fields` of a host batch, to be sharded to the devices; the others stay on the host."""
+  return {k: batch[k] for k in fields}
+
+
 _NUM_STEPS = 1 << 62  # Training batches are indexed by step; the stream never ends.
 
 
@@ -326,10 +339,6 @@ class TrainIterator(grain.DatasetIterator):
       )
     self._close_inner()
     self.step = int(state['step'])
-
-  def start_prefetch(self) -> None:
-    if self._inner is None:
-      self._start()
 
   def _close_inner(self) -> None:
     if self._inner is not None:

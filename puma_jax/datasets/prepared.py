@@ -326,6 +326,7 @@ def _image_folder_dir(data_dir: Path, name: str) -> Path:
   if not found:
     raise DataError(
       f'{root}: no converted dataset {name!r} under data_dir {data_dir}; run the image-folder '
-      'converter first (data.real.name must match its output name).'
+      'converter first (python -m tools.image_folder, from a checkout; data.real.name must '
+      'match its --name).'
     )
   return found[-1].parent

@@ -5,7 +5,7 @@
 logits f32[B,K]; input normalisation happens inside the model.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -49,3 +49,20 @@ def import_torch_npz(name: str, path: str, **model_kwargs: Any) -> dict[str, Any
   except (OSError, ValueError) as e:
     raise ValueError(f'cannot read PyTorch weights {path}: {e}') from e
   return convert(state_dict, **model_kwargs)
+
+
+def load_torch_npz(model_config: Mapping[str, Any], path: str) -> tuple[nn.Module, dict[str, Any]]:
+  """The module that `model_config` (config.model) describes, with weights from a PyTorch .npz.
+
+  Args:
+    model_config: `name`, `dtype` and the constructor arguments (e.g. `num_classes`).
+    path: a PyTorch state_dict saved as .npz (name -> array).
+
+  Returns:
+    (module, Flax variables).
+  """
+  kwargs = dict(model_config)
+  name = kwargs.pop('name')
+  model = create(name, **kwargs)
+  kwargs.pop('dtype', None)
+  return model, import_torch_npz(name, path, **kwargs)

@@ -1,0 +1,1 @@
+"""Offline tools that run from a checkout of puma_jax (`python -m tools.<name>`)."""
