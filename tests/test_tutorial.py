@@ -21,6 +21,7 @@ pasted outputs after a change (then regenerate the notebook,
 
 import contextlib
 import dataclasses
+import importlib.util
 import io
 import math
 import os
@@ -33,6 +34,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIAL = ROOT / 'docs' / 'tutorial.md'
+NOTEBOOK = ROOT / 'docs' / 'tutorial.ipynb'
 # An opening or closing fence: three or more backticks or tildes, then the info string.
 _FENCE = re.compile(r'^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})\s*(?P<info>.*?)\s*$')
 # Names the tutorial's code promises to teach (issue 7, "Teaching").
@@ -42,6 +44,9 @@ TOPICS = (
   'jax.grad',
   'jax.vmap',
   'jax.jit',
+  'jax.random.split',
+  'jax.random.fold_in',
+  'jax.value_and_grad',
   'pgd',
   'trades_perturb',
   'deepfool',
@@ -54,6 +59,8 @@ TOPICS = (
   'parallel.make_mesh',
   'parallel.shard_batch',
   'NamedSharding',
+  'jax.shard_map',
+  'checkpointing.Checkpointer',
 )
 
 
@@ -307,6 +314,102 @@ def test_relative_links_resolve():
 
 def test_readme_links_the_tutorial():
   assert '(docs/tutorial.md)' in (ROOT / 'README.md').read_text()
+
+
+def _load(script: str):
+  """A script of docs/ as a module (docs/ is not a package)."""
+  spec = importlib.util.spec_from_file_location(Path(script).stem, ROOT / 'docs' / script)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_notebook_is_the_markdown_with_its_outputs():
+  import nbformat  # noqa: PLC0415
+
+  make = _load('make_tutorial_notebook.py')
+  fresh = make.notebook_from_markdown(TUTORIAL.read_text())
+  saved = nbformat.read(NOTEBOOK, as_version=4)
+
+  def cells(nb):
+    return [
+      (c.cell_type, c.source, [o.get('text') for o in c.get('outputs', [])]) for c in nb.cells
+    ]
+
+  assert cells(saved) == cells(fresh), (
+    f'{NOTEBOOK} is not {TUTORIAL} any more; run `python docs/make_tutorial_notebook.py`'
+  )
+  # The first cell installs the package; the markdown's code never does.
+  assert '%pip install' in saved.cells[0].source
+  assert 'pip install' not in ''.join(b.code for b in extract_blocks(TUTORIAL.read_text()))
+  code = [c for c in saved.cells[1:] if c.cell_type == 'code']
+  assert [c.source + '\n' for c in code] == [b.code for b in extract_blocks(TUTORIAL.read_text())]
+  printed = [c for c in code if c.outputs]
+  assert printed and all(c.outputs[0].name == 'stdout' for c in printed)
+
+
+def test_notebook_takes_each_pasted_output_as_its_cells_output():
+  make = _load('make_tutorial_notebook.py')
+  nb = make.notebook_from_markdown(
+    'Intro.\n\n```python\nprint(1)\n```\n\n```text\n1\n```\n\nProse.\n\n'
+    '```python\nx = 2\n```\n\nThen:\n\n```text\na formula, not an output\n```\n'
+  )
+  kinds = [(c.cell_type, c.source) for c in nb.cells]
+  assert kinds[1:] == [
+    ('markdown', 'Intro.'),
+    ('code', 'print(1)'),
+    ('markdown', 'Prose.'),
+    ('code', 'x = 2'),
+    ('markdown', 'Then:\n\n```text\na formula, not an output\n```'),
+  ]
+  assert nb.cells[2].outputs[0].text == '1\n' and nb.cells[4].outputs == []
+
+
+def test_figure_script_runs(tmp_path):
+  figures = _load('make_tutorial_figures.py')
+  paths = figures.main(['--fast', f'--out={tmp_path}'])
+  assert [p.name for p in paths] == list(figures.FIGURES)
+  for p in paths:
+    assert p.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n', p
+  # The tutorial shows the figures the script writes.
+  text = TUTORIAL.read_text()
+  assert all(f'(img/{name})' in text for name in figures.FIGURES)
+
+
+@pytest.mark.parametrize(
+  'pasted, printed, same',
+  [
+    ('accuracy 0.940, loss [0.1 2.5]', 'accuracy 0.95, loss [ 0.1  2.6 ]', True),
+    ('accuracy 0.94', 'accuracy 0.70', False),  # a number moved
+    ('full: 18', 'full: 19', True),
+    ('full: 18', 'full: 25', False),
+    ('clean 0.9', 'robust 0.9', False),  # the text changed
+    ('[1 2 3]', '[1 2]', False),  # a number went missing
+    ('6.2%', '6.25%', True),
+  ],
+)
+def test_pasted_outputs_match_numbers_within_a_tolerance(pasted, printed, same):
+  assert (outputs_match(pasted, printed) is None) == same
+
+
+def test_outputs_are_attached_checked_and_pasted():
+  text = (
+    '```python\nprint(1)\n```\n\n```text\n2\n```\n\nProse.\n\n'
+    '```python\nprint(3)\n```\n\n```python\nx = 1\n```\n\n```text\nstale\n```\n'
+  )
+  blocks = extract_blocks(text, 'sample.md')
+  assert [b.output for b in blocks] == ['2\n', None, 'stale\n']
+  printed = ['1\n', '3\n', '']
+  problems = check_outputs(blocks, printed, 'sample.md')
+  assert len(problems) == 3
+  assert 'out of date' in problems[0] and 'no ```text block' in problems[1]
+  assert 'prints nothing' in problems[2]
+  updated = paste_outputs(text, blocks, printed)
+  assert updated == (
+    '```python\nprint(1)\n```\n\n```text\n1\n```\n\nProse.\n\n'
+    '```python\nprint(3)\n```\n\n```text\n3\n```\n\n```python\nx = 1\n```\n'
+  )
+  assert check_outputs(extract_blocks(updated), printed, 'sample.md') == []
 
 
 _SAMPLE = """# Title
