@@ -51,6 +51,7 @@ def _save(fig: Figure, path: Path) -> None:
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
   with os.fdopen(fd, 'wb') as f:
     f.write(buf.getvalue())
+  os.chmod(tmp, 0o644)  # mkstemp makes it private
   os.replace(tmp, path)
 
 

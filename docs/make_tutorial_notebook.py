@@ -76,6 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   fd, tmp = tempfile.mkstemp(dir=DOCS, prefix='.tutorial.ipynb.')
   with os.fdopen(fd, 'w') as f:
     f.write(text)
+  os.chmod(tmp, 0o644)  # mkstemp makes it private
   os.replace(tmp, NOTEBOOK)
   print(f'wrote {NOTEBOOK}')
   return 0
