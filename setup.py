@@ -36,7 +36,8 @@ setuptools.setup(
     'matplotlib>=3.8,<4',
   ],
   extras_require={
-    'test': ['pytest>=8,<10', 'ruff>=0.6,<1'],
+    # jupytext: docs/make_tutorial_notebook.py and its test.
+    'test': ['pytest>=8,<10', 'ruff>=0.6,<1', 'jupytext>=1.16,<2'],
     # Converting an ImageNet-style folder tree of JPEGs.
     'imagenet': ['pillow>=10,<14'],
   },
