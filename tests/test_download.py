@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from download_server import serve
 
-from puma_jax.datasets import DataError, download
+from puma_jax.datasets import DataError, download, prepared
 
 CHUNK = 1000  # Small chunks so that a 20 kB file is streamed in many steps.
 
@@ -118,3 +118,36 @@ def test_progress_is_logged_with_rate_and_eta(tmp_path):
   with serve({'/f': data}) as server:
     download.fetch(server.url('/f'), tmp_path / 'f', sha256=_sha(data), log_fn=lines.append)
   assert lines and 'MiB/s' in lines[-1] and 'ETA' in lines[-1] and lines[-1].endswith('(done)')
+
+
+def _data_config(**generated):
+  from configs import default
+
+  data = default.get_config('tiny').data
+  data.real.num_shards = 2
+  data.generated.num_shards = 2
+  for k, v in generated.items():
+    data.generated[k] = v
+  return data
+
+
+def test_prepare_downloads_a_generated_npz_named_by_url(tmp_path):
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (50, 28, 28, 1), dtype=np.uint8)
+  labels = rng.integers(0, 10, 50)
+  np.savez(tmp_path / 'gen.npz', image=images, label=labels)
+  data = (tmp_path / 'gen.npz').read_bytes()
+  with serve({'/files/gen.npz': data}) as server:
+    config = _data_config(kind='npz', url=server.url('/files/gen.npz'), sha256=_sha(data))
+    p = prepared.prepare(config, tmp_path / 'data')
+    # Rerunning reuses the built dataset: nothing is downloaded again.
+    assert prepared.prepare(config, tmp_path / 'data').built == ()
+    assert len(server.requests) == 1
+  assert (tmp_path / 'data' / 'downloads' / 'gen.npz').read_bytes() == data
+  np.testing.assert_array_equal(p.generated.labels(), labels)
+
+
+def test_generated_url_needs_a_sha256(tmp_path):
+  config = _data_config(kind='npz', url='http://127.0.0.1:9/gen.npz', sha256='')
+  with pytest.raises(DataError, match='data.generated.url needs data.generated.sha256'):
+    prepared.prepare(config, tmp_path / 'data')
