@@ -9,6 +9,10 @@ numbers, strings and names only; code maps names to functions.
 import ml_collections
 
 
+class ConfigError(ValueError):
+  """A config field with a bad value (or bad combination); the message names it and the fix."""
+
+
 def get_base_config() -> ml_collections.ConfigDict:
   """All fields, with the values of the embedded MNIST default."""
   c = ml_collections.ConfigDict()

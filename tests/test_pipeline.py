@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from absl import app
 from PIL import Image
 
 from puma_jax import margins, models, pipeline, stages, train
@@ -76,7 +77,7 @@ def test_a_changed_setting_is_refused_with_a_way_forward(default_run):
 
 
 def test_one_stage_needs_its_inputs(tmp_path):
-  with pytest.raises(RuntimeError, match='run it first'):
+  with pytest.raises(app.UsageError, match='run it first'):
     pipeline.run(_config('default'), tmp_path, stage='train')
 
 
