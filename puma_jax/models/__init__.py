@@ -93,6 +93,7 @@ def export_torch_state_dict(name: str, variables: Mapping[str, Any]) -> dict[str
   """The PyTorch state_dict (name -> NumPy array, NCHW layouts) of model `name`'s variables.
 
   The inverse of the import: `import_torch_state_dict` of the saved result gives
-  back `variables` exactly (float32).
+  back `variables` exactly (float32). Arrays are C-contiguous, as
+  `safetensors.numpy.save_file` needs (it writes a transposed view's memory as is).
   """
-  return _lookup(name)[2](variables)
+  return {k: np.asarray(v, order='C') for k, v in _lookup(name)[2](variables).items()}

@@ -1,0 +1,133 @@
+r"""Exports a trained model's EMA weights as a PyTorch state_dict in safetensors format.
+
+  python -m puma_jax.export --workdir=/tmp/puma_cifar --out=/tmp/puma_cifar/wrn.safetensors
+
+Reads `<workdir>/config.json` and the latest checkpoint of `<workdir>/train`,
+takes the EMA weights (the ones the evaluate stage attacks) and writes them with
+`safetensors.numpy.save_file`, so no PyTorch is needed here. Names and NCHW
+layouts are those of the PyTorch models the JAX ones mirror (see docs/export.md):
+
+- model.name=wrn: DM-Improves-AT's `WideResNet` (`core/models/wideresnetwithswish.py`),
+  RobustBench's `DMWideResNet`;
+- model.name=preact_resnet18: the PreAct ResNet-18 of TRADES / most AT code;
+- model.name=small_cnn: `conv1..`, `fc1..` with PyTorch's NCHW flattening.
+
+The file's metadata records the model config (`puma_jax.model`, JSON), the
+image shape and the training step. `models.import_torch_state_dict` reads the
+file back into exactly the same Flax variables.
+"""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import safetensors.numpy
+from absl import flags, logging
+
+from puma_jax import cli, config_base, models, train
+from puma_jax.datasets import DataError, cifar, fileio, mnist
+
+_WORKDIR = flags.DEFINE_string(
+  'workdir', None, 'Workdir of a pipeline run (python -m puma_jax.main).'
+)
+_OUT = flags.DEFINE_string('out', None, 'The .safetensors file to write.')
+_ALLOW_UNFINISHED = flags.DEFINE_bool(
+  'allow_unfinished',
+  False,
+  'Export the latest checkpoint of a training run that has not finished.',
+)
+flags.mark_flags_as_required(['workdir', 'out'])
+
+_IMAGE_SHAPES = {
+  'mnist_embedded': mnist.IMAGE_SHAPE,
+  'cifar10': cifar.IMAGE_SHAPE,
+  'cifar100': cifar.IMAGE_SHAPE,
+}
+
+
+def load_config(workdir: str | Path) -> Any:
+  """The config a pipeline workdir was made with: its `config.json` over the current schema.
+
+  Raises:
+    FileNotFoundError: no config.json (not a pipeline workdir).
+    config_base.ConfigError: a field the current schema does not know.
+  """
+  path = Path(workdir) / 'config.json'
+  if not path.is_file():
+    raise FileNotFoundError(
+      f'{path} not found: --workdir must be the workdir of a pipeline run '
+      '(python -m puma_jax.main --config=... --workdir=...).'
+    )
+  config = config_base.get_base_config()
+  unknown = _merge(config, json.loads(path.read_text(encoding='utf-8')), '')
+  if unknown:
+    raise config_base.ConfigError(
+      f'{path}: fields {unknown} are not in the current config schema (puma_jax/config_base.py); '
+      'was the run made with another version of puma_jax?'
+    )
+  return config
+
+
+def _merge(config: Any, saved: dict[str, Any], prefix: str) -> list[str]:
+  unknown = []
+  for key, value in saved.items():
+    if key not in config:
+      unknown.append(prefix + key)
+    elif isinstance(value, dict):
+      unknown += _merge(config[key], value, f'{prefix}{key}.')
+    else:
+      config[key] = float(value) if isinstance(config[key], float) else value
+  return unknown
+
+
+def image_shape(config: Any, workdir: str | Path) -> tuple[int, int, int]:
+  """(H, W, C) of the run's images: fixed for the built-in datasets, else the prepared data."""
+  kind = config.data.real.kind
+  if kind in _IMAGE_SHAPES:
+    return tuple(_IMAGE_SHAPES[kind])
+  from puma_jax import datasets  # noqa: PLC0415 (only image folders need the prepared data)
+
+  prepared = datasets.prepare(config.data, Path(workdir) / 'data', build=False)
+  return tuple(prepared.real_train.image_shape)
+
+
+def export(workdir: str | Path, out: str | Path, *, allow_unfinished: bool = False) -> Path:
+  """Writes the EMA weights of `<workdir>/train` to `out` (.safetensors); returns `out`.
+
+  Raises:
+    FileNotFoundError: not a pipeline workdir, or no checkpoint.
+    DataError: training has not finished (and not `allow_unfinished`).
+  """
+  workdir, out = Path(workdir).expanduser(), Path(out).expanduser()
+  config = load_config(workdir)
+  train_dir = workdir / 'train'
+  if not (train_dir / 'stage.json').exists() and not allow_unfinished:
+    raise DataError(
+      f'{train_dir / "stage.json"} is missing: training has not finished in {workdir}. Finish '
+      'it (rerun python -m puma_jax.main with the same --workdir), or pass --allow_unfinished '
+      'to export its latest checkpoint.'
+    )
+  shape = image_shape(config, workdir)
+  _, variables = train.restore_ema_variables(config, train_dir, shape)
+  state_dict = models.export_torch_state_dict(config.model.name, variables)
+  metadata = {
+    'format': 'pt',
+    'puma_jax.model': json.dumps(config.model.to_dict(), sort_keys=True),
+    'puma_jax.image_shape': json.dumps(list(shape)),
+    'puma_jax.workdir': str(workdir.resolve()),
+  }
+  with fileio.atomic_path(out) as tmp:
+    safetensors.numpy.save_file(state_dict, str(tmp), metadata=metadata)
+  n = sum(int(v.size) for v in state_dict.values())
+  logging.info('wrote %s: %d tensors, %d numbers', out, len(state_dict), n)
+  return out
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  out = export(_WORKDIR.value, _OUT.value, allow_unfinished=_ALLOW_UNFINISHED.value)
+  print(f'wrote {out} (PyTorch state_dict, safetensors; see docs/export.md to load it)')  # noqa: T201
+
+
+if __name__ == '__main__':
+  cli.run(main, prog='puma_jax.export')
