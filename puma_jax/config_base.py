@@ -68,7 +68,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Margin model: trained here on the unpruned data, or loaded.
   c.margin_model = ml_collections.ConfigDict()
   c.margin_model.source = 'train'  # train | checkpoint | torch_npz
-  c.margin_model.path = ''  # checkpoint: a workdir's train/ folder; torch_npz: a state_dict .npz.
+  # checkpoint: a workdir's train/ folder; torch_npz: a PyTorch state_dict as .npz or
+  # .safetensors (what python -m puma_jax.export writes).
+  c.margin_model.path = ''
   c.margin_model.num_steps = 300  # source=train: length of its short run.
 
   # DeepFool margins of every training example.

@@ -153,7 +153,7 @@ def _check_config(config: Any) -> None:
   if config.margin_model.source != 'train' and not config.margin_model.path:
     raise config_base.ConfigError(
       f'margin_model.source={config.margin_model.source!r} needs margin_model.path '
-      '(a training workdir with checkpoints/, or a PyTorch state_dict .npz)'
+      '(a training workdir with checkpoints/, or a PyTorch state_dict .npz or .safetensors)'
     )
   if config.eval.autoattack == 'standard' and config.model.num_classes < 4:
     raise config_base.ConfigError(
@@ -198,7 +198,7 @@ def _load_margin_model(ctx: Context) -> tuple[Any, Any]:
     return train.restore_ema_variables(cfg, Path(path), image_shape)
   model = train.create_model(cfg.model)
   kwargs = {k: v for k, v in cfg.model.items() if k not in ('name', 'dtype')}
-  return model, models.import_torch_npz(cfg.model.name, path, **kwargs)
+  return model, models.import_torch_state_dict(cfg.model.name, path, **kwargs)
 
 
 def run_margin_model(ctx: Context) -> dict[str, Any]:

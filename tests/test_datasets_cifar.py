@@ -120,6 +120,22 @@ def test_missing_archive_is_downloaded_into_the_data_dir(tmp_path, monkeypatch, 
   assert kept.read_bytes() == (tmp_path / 'served' / a.filename).read_bytes()
 
 
+def test_processes_that_do_not_build_never_download(tmp_path, monkeypatch):
+  # Processes other than 0 open what process 0 prepared (build=False) after the barrier.
+  a = cifar.ARCHIVES['cifar10']
+  expected = make_archive(tmp_path / 'served', 'cifar10')
+  monkeypatch.setitem(cifar.EXPECTED_OVERRIDE, 'cifar10', expected['checksum'])
+  with serve({'/c.tgz': (tmp_path / 'served' / a.filename).read_bytes()}) as server:
+    monkeypatch.setitem(cifar.ARCHIVES, 'cifar10', dataclasses.replace(a, url=server.url('/c.tgz')))
+    config = _config('cifar10', '', download=True)
+    with pytest.raises(DataError, match='not prepared yet'):
+      prepared.prepare(config, tmp_path / 'data', build=False)
+    assert server.requests == []
+    prepared.prepare(config, tmp_path / 'data')  # Process 0.
+    assert prepared.prepare(config, tmp_path / 'data', build=False).built == ()
+    assert len(server.requests) == 1
+
+
 def test_unreachable_archive_url_says_how_to_place_it_by_hand(tmp_path, monkeypatch):
   a = cifar.ARCHIVES['cifar10']
   monkeypatch.setitem(cifar.EXPECTED_OVERRIDE, 'cifar10', cifar.expected_checksum('cifar10'))

@@ -3,6 +3,11 @@
 `create(name, num_classes=..., dtype=..., **kwargs)` builds a module whose
 `apply(variables, x, train=...)` maps f32[B,H,W,C] images in [0,1] to float32
 logits f32[B,K]; input normalisation happens inside the model.
+
+PyTorch: `import_torch_state_dict(name, path)` reads a state_dict saved as
+.safetensors or .npz into Flax variables, and `export_torch_state_dict(name,
+variables)` is its exact inverse (PyTorch names, NCHW/OIHW layouts), which
+`python -m puma_jax.export` saves with safetensors (docs/export.md).
 """
 
 import os
