@@ -48,9 +48,12 @@ _IMAGE_SHAPES = {
 def load_config(workdir: str | Path) -> Any:
   """The config a pipeline workdir was made with: its `config.json` over the current schema.
 
+  Fields added to the schema since the run keep their defaults; the model's own
+  fields (`model.depth`, `model.conv_channels`, ...) are taken as saved, lists as
+  tuples; other fields the schema does not know are ignored with a warning.
+
   Raises:
     FileNotFoundError: no config.json (not a pipeline workdir).
-    config_base.ConfigError: a field the current schema does not know.
   """
   path = Path(workdir) / 'config.json'
   if not path.is_file():
@@ -59,25 +62,29 @@ def load_config(workdir: str | Path) -> Any:
       '(python -m puma_jax.main --config=... --workdir=...).'
     )
   config = config_base.get_base_config()
-  unknown = _merge(config, json.loads(path.read_text(encoding='utf-8')), '')
-  if unknown:
-    raise config_base.ConfigError(
-      f'{path}: fields {unknown} are not in the current config schema (puma_jax/config_base.py); '
-      'was the run made with another version of puma_jax?'
-    )
+  ignored = _merge(config, json.loads(path.read_text(encoding='utf-8')), '')
+  if ignored:
+    logging.warning('%s: fields not in the current config schema, ignored: %s', path, ignored)
   return config
 
 
+def _tuples(value: Any) -> Any:
+  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
 def _merge(config: Any, saved: dict[str, Any], prefix: str) -> list[str]:
-  unknown = []
+  ignored = []
   for key, value in saved.items():
     if key not in config:
-      unknown.append(prefix + key)
+      if prefix == 'model.':  # Each model has its own fields (configs add them).
+        config[key] = _tuples(value)
+      else:
+        ignored.append(prefix + key)
     elif isinstance(value, dict):
-      unknown += _merge(config[key], value, f'{prefix}{key}.')
+      ignored += _merge(config[key], value, f'{prefix}{key}.')
     else:
-      config[key] = float(value) if isinstance(config[key], float) else value
-  return unknown
+      config[key] = float(value) if isinstance(config[key], float) else _tuples(value)
+  return ignored
 
 
 def image_shape(config: Any, workdir: str | Path) -> tuple[int, int, int]:
