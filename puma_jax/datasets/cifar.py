@@ -5,8 +5,8 @@ in the folder named by `data.real.archive_dir` (default: `<data_dir>/downloads`)
 and, when it is missing and `data.real.download` is on, downloads it from
 https://www.cs.toronto.edu/~kriz/ (resumable, see `download.py`). The archive is
 checked against the size and sha256 that TFDS ships for the same URL
-(`tensorflow_datasets/url_checksums/cifar10*.txt`), then read with tarfile + numpy. Binary records: CIFAR-10 is <1 label byte><3072
-pixel bytes>, CIFAR-100 is <coarse byte><fine byte><3072 bytes> (fine labels are
+(`tensorflow_datasets/url_checksums/cifar10*.txt`), then read with tarfile +
+numpy. Binary records: CIFAR-10 is <1 label byte><3072 pixel bytes>, CIFAR-100 is <coarse byte><fine byte><3072 bytes> (fine labels are
 used); pixels are R, G, B planes of 32x32, transposed here to HWC. Train order is
 the archive's (data_batch_1..5 for CIFAR-10), as in TFDS and torchvision.
 """
@@ -89,13 +89,13 @@ def expected_checksum(kind: str) -> tuple[int, str]:
 sha256_file = download.sha256_file
 
 
-def _where(kind: str, archive_dir: str) -> str:
+def _where(kind: str, archive_dir: str, *, offer_download: bool = True) -> str:
   a = ARCHIVES[kind]
   size, sha = expected_checksum(kind)
   return (
     f'Download {a.filename} (the binary version, {size} bytes, sha256 {sha}) from {a.url} and '
-    f'put it in the folder named by data.real.archive_dir (now {archive_dir!r}), or set '
-    'data.real.download=True to download it automatically.'
+    f'put it in the folder named by data.real.archive_dir (now {archive_dir!r})'
+    + (', or set data.real.download=True to download it automatically.' if offer_download else '.')
   )
 
 
@@ -124,8 +124,8 @@ def ensure_archive(kind: str, archive_dir: str | os.PathLike, *, download_missin
       size=size,
       by_hand=(
         'Or place it by hand: '
-        + _where(kind, os.fspath(archive_dir))
-        + ' (set data.real.download=False to stay offline).'
+        + _where(kind, os.fspath(archive_dir), offer_download=False)
+        + ' Set data.real.download=False to stay offline.'
       ),
     )
   return verify_archive(kind, archive_dir)
