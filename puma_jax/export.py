@@ -27,17 +27,6 @@ from absl import flags, logging
 from puma_jax import cli, config_base, models, train
 from puma_jax.datasets import DataError, cifar, fileio, mnist
 
-_WORKDIR = flags.DEFINE_string(
-  'workdir', None, 'Workdir of a pipeline run (python -m puma_jax.main).'
-)
-_OUT = flags.DEFINE_string('out', None, 'The .safetensors file to write.')
-_ALLOW_UNFINISHED = flags.DEFINE_bool(
-  'allow_unfinished',
-  False,
-  'Export the latest checkpoint of a training run that has not finished.',
-)
-flags.mark_flags_as_required(['workdir', 'out'])
-
 _IMAGE_SHAPES = {
   'mnist_embedded': mnist.IMAGE_SHAPE,
   'cifar10': cifar.IMAGE_SHAPE,
@@ -130,11 +119,22 @@ def export(workdir: str | Path, out: str | Path, *, allow_unfinished: bool = Fal
   return out
 
 
-def main(argv: list[str]) -> None:
-  del argv
-  out = export(_WORKDIR.value, _OUT.value, allow_unfinished=_ALLOW_UNFINISHED.value)
-  print(f'wrote {out} (PyTorch state_dict, safetensors; see docs/export.md to load it)')  # noqa: T201
+def run() -> None:
+  """The command line (flags are defined here, so importing this module defines none)."""
+  workdir = flags.DEFINE_string('workdir', None, 'Workdir of a pipeline run (puma_jax.main).')
+  out = flags.DEFINE_string('out', None, 'The .safetensors file to write.')
+  allow_unfinished = flags.DEFINE_bool(
+    'allow_unfinished', False, 'Export the latest checkpoint of a run that has not finished.'
+  )
+  flags.mark_flags_as_required(['workdir', 'out'])
+
+  def main(argv: list[str]) -> None:
+    del argv
+    path = export(workdir.value, out.value, allow_unfinished=allow_unfinished.value)
+    print(f'wrote {path} (a PyTorch state_dict in safetensors; docs/export.md loads it)')  # noqa: T201
+
+  cli.run(main, prog='puma_jax.export')
 
 
 if __name__ == '__main__':
-  cli.run(main, prog='puma_jax.export')
+  run()
