@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 from absl import app, flags, logging
 
 from puma_jax import config_base, stages
-from puma_jax.datasets.errors import DataError
 
 USAGE_EXIT = 2
 FAILURE_EXIT = 1
@@ -32,7 +31,12 @@ USAGE_ERRORS: tuple[type[BaseException], ...] = (
   config_base.ConfigError,
   stages.ConfigMismatchError,
 )
-KNOWN_FAILURES: tuple[type[BaseException], ...] = (DataError, FileNotFoundError)
+# The house raises ValueError for bad input (DataError is one), naming the field or file.
+KNOWN_FAILURES: tuple[type[BaseException], ...] = (
+  ValueError,
+  FileNotFoundError,
+  FloatingPointError,  # train.NonFiniteLossError: a diverged run, with what to change.
+)
 
 
 PROG = 'puma_jax'  # The name errors start with; `run` sets it.

@@ -364,8 +364,8 @@ def _write_config(config: Any, workdir: Path) -> None:
 def run(config: Any, workdir: str | Path, *, stage: str = 'all', dry_run: bool = False) -> None:
   """Runs the pipeline (or one stage) in `workdir`; reruns resume and skip finished stages."""
   workdir = Path(workdir).expanduser()
+  _check_config(config)  # Before anything is written.
   workdir.mkdir(parents=True, exist_ok=True)
-  _check_config(config)
   if dry_run and stage not in ('all', 'margins'):
     raise app.UsageError(
       '--dry_run applies to the margins stage; use --stage=margins or no --stage'
