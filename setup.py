@@ -34,6 +34,8 @@ setuptools.setup(
     # TensorBoard event files without TensorFlow.
     'tensorboardX>=2.6,<3',
     'matplotlib>=3.8,<4',
+    # PyTorch state_dicts read and written without torch (python -m puma_jax.export).
+    'safetensors>=0.4,<1',
   ],
   extras_require={
     # jupytext: docs/make_tutorial_notebook.py and its test.

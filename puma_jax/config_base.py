@@ -9,6 +9,10 @@ numbers, strings and names only; code maps names to functions.
 import ml_collections
 
 
+class ConfigError(ValueError):
+  """A config field with a bad value (or bad combination); the message names it and the fix."""
+
+
 def get_base_config() -> ml_collections.ConfigDict:
   """All fields, with the values of the embedded MNIST default."""
   c = ml_collections.ConfigDict()
@@ -20,12 +24,24 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.sidecar_dir = ''  # Where margin sidecars go; '' means beside the shards.
   c.data.real = ml_collections.ConfigDict()
   c.data.real.kind = 'mnist_embedded'  # mnist_embedded | cifar10 | cifar100 | image_folder
-  c.data.real.archive_dir = ''  # cifar10/cifar100: folder holding the user's archive.
+  # cifar10/cifar100: folder holding the official binary archive; '' means <data_dir>/downloads
+  # when download is on (and is an error when it is off).
+  c.data.real.archive_dir = ''
+  # cifar10/cifar100: download the official archive (URL and sha256 as in puma_jax/datasets/
+  # cifar.py) into archive_dir when it is not there; resumable, checked, done by process 0.
+  # False: offline, the archive must be placed by hand.
+  c.data.real.download = True
   c.data.real.name = ''  # image_folder: TFDS name written by the converter.
   c.data.real.num_shards = 4
   c.data.generated = ml_collections.ConfigDict()
   c.data.generated.kind = 'embedded'  # none | embedded | npz
-  c.data.generated.path = ''  # npz: the user's file with keys `image` and `label`.
+  # npz: the user's file with keys `image` and `label`; with `url`, where the download goes
+  # ('' means <data_dir>/downloads/<the URL's file name>).
+  c.data.generated.path = ''
+  # npz: an http(s) URL to download the file from when it is not at `path` (streamed in chunks,
+  # resumable, only by process 0); needs `sha256`. '' means the file is placed by hand.
+  c.data.generated.url = ''
+  c.data.generated.sha256 = ''  # npz with url: the file's sha256 (hex), checked after download.
   c.data.generated.name = 'mnist_generated'  # TFDS config name of the built dataset.
   c.data.generated.num_examples = 40_000  # embedded generator only.
   c.data.generated.seed = 0  # embedded generator only.
@@ -52,7 +68,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Margin model: trained here on the unpruned data, or loaded.
   c.margin_model = ml_collections.ConfigDict()
   c.margin_model.source = 'train'  # train | checkpoint | torch_npz
-  c.margin_model.path = ''  # checkpoint: a workdir's train/ folder; torch_npz: a state_dict .npz.
+  # checkpoint: a workdir's train/ folder; torch_npz: a PyTorch state_dict as .npz or
+  # .safetensors (what python -m puma_jax.export writes).
+  c.margin_model.path = ''
   c.margin_model.num_steps = 300  # source=train: length of its short run.
 
   # DeepFool margins of every training example.

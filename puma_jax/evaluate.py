@@ -442,7 +442,7 @@ def _main() -> None:
       )
       name = f'{config.model.name} ({checkpoint.value})'
     else:
-      model, variables = models.load_torch_npz(config.model, torch_npz.value)
+      model, variables = models.load_torch_state_dict(config.model, torch_npz.value)
       name = f'{config.model.name} ({torch_npz.value})'
     report = evaluate_workdir(
       config,

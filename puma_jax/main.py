@@ -7,6 +7,10 @@ skipping every stage whose output in the workdir is already complete. Rerun the
 same command to resume. `--stage=NAME` runs one stage; `--config.x.y=v`
 overrides a config field.
 
+Errors print one message on stderr saying what is wrong and the fix (the
+traceback with `-v 1`); the exit code is 2 for usage and config errors, 1 for
+other failures (`puma_jax/cli.py`).
+
 Multi-host (TPU pods, multi-node GPU): run the same command on every host with
 `--distributed`; on TPU pods `jax.distributed.initialize()` finds its peers by
 itself, elsewhere pass --coordinator_address, --num_processes and --process_id.
@@ -15,10 +19,10 @@ itself, elsewhere pass --coordinator_address, --num_processes and --process_id.
 import os
 
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from puma_jax import logs, pipeline
+from puma_jax import cli, logs, pipeline
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for all outputs; reruns resume.')
@@ -64,8 +68,7 @@ def _set_cpu_devices(requested: int) -> None:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  del argv  # cli.run refuses extra arguments.
   if logging.get_verbosity() < 1:
     logs.quiet_orbax()  # unless -v 1
   _set_cpu_devices(_CPU_DEVICES.value)
@@ -85,5 +88,15 @@ def main(argv: list[str]) -> None:
   pipeline.run(_CONFIG.value, _WORKDIR.value, stage=_STAGE.value, dry_run=_DRY_RUN.value)
 
 
+def _load_config() -> None:
+  """Loads the config file while the flags are parsed, so a bad one is a usage error."""
+  _ = _CONFIG.value.seed  # config_flags reports a failed load on first use.
+
+
+def run() -> None:
+  """The command line's entry point (exits 0, 1 or 2)."""
+  cli.run(main, check=_load_config, prog='puma_jax.main')
+
+
 if __name__ == '__main__':
-  app.run(main)
+  run()

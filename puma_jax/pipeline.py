@@ -14,10 +14,21 @@ from typing import Any
 
 import jax
 import numpy as np
-from absl import logging
+from absl import app, logging
 from jax.experimental import multihost_utils
 
-from puma_jax import datasets, margins, models, parallel, pruning, report, stages, train
+from puma_jax import (
+  config_base,
+  datasets,
+  margins,
+  models,
+  parallel,
+  pruning,
+  report,
+  stages,
+  steps,
+  train,
+)
 
 STAGES = ('prepare', 'margin_model', 'margins', 'prune', 'train', 'evaluate', 'report')
 MARGIN_MODEL_SOURCES = ('train', 'checkpoint', 'torch_npz')
@@ -118,24 +129,40 @@ def margins_needed(config: Any) -> bool:
   return pruning.settings_from_config(config).needs_margins
 
 
+def _check_choice(value: Any, known: tuple, field: str) -> None:
+  if value not in known:
+    raise config_base.ConfigError(f'{field}={value!r} is not one of {known}; fix the config.')
+
+
 def _check_config(config: Any) -> None:
+  """Cheap checks of the config's values before any work (ConfigError names the field)."""
+  _check_choice(config.data.real.kind, datasets.REAL_KINDS, 'data.real.kind')
+  _check_choice(config.data.generated.kind, datasets.GENERATED_KINDS, 'data.generated.kind')
+  _check_choice(config.model.name, tuple(models.REGISTRY), 'model.name')
+  _check_choice(config.model.dtype, tuple(models.DTYPES), 'model.dtype')
+  _check_choice(config.attack.norm, ('linf', 'l2'), 'attack.norm')
+  _check_choice(config.train.loss, steps.LOSSES, 'train.loss')
+  try:
+    pruning.settings_from_config(config)
+  except ValueError as e:
+    raise config_base.ConfigError(str(e)) from e
   if config.margin_model.source not in MARGIN_MODEL_SOURCES:
-    raise ValueError(
+    raise config_base.ConfigError(
       f'margin_model.source={config.margin_model.source!r} is not one of {MARGIN_MODEL_SOURCES}'
     )
   if config.margin_model.source != 'train' and not config.margin_model.path:
-    raise ValueError(
+    raise config_base.ConfigError(
       f'margin_model.source={config.margin_model.source!r} needs margin_model.path '
-      '(a training workdir with checkpoints/, or a PyTorch state_dict .npz)'
+      '(a training workdir with checkpoints/, or a PyTorch state_dict .npz or .safetensors)'
     )
   if config.eval.autoattack == 'standard' and config.model.num_classes < 4:
-    raise ValueError(
+    raise config_base.ConfigError(
       f'eval.autoattack=standard needs at least 4 classes (APGD-T and FAB-T use the targeted '
       f'DLR loss), the model has model.num_classes={config.model.num_classes}; '
       'set --config.eval.autoattack=none to evaluate with clean and PGD accuracy only.'
     )
   if margins_needed(config) and config.margins.norm != config.attack.norm:
-    raise ValueError(
+    raise config_base.ConfigError(
       f'margins.norm={config.margins.norm!r} differs from attack.norm={config.attack.norm!r}: '
       'per-example radii from margins only make sense in the norm of the attack; set both alike.'
     )
@@ -169,7 +196,7 @@ def _load_margin_model(ctx: Context) -> tuple[Any, Any]:
   if source == 'checkpoint':
     image_shape = ctx.prepared().real_train.image_shape
     return train.restore_ema_variables(cfg, Path(path), image_shape)
-  return models.load_torch_npz(cfg.model, path)
+  return models.load_torch_state_dict(cfg.model, path)
 
 
 def run_margin_model(ctx: Context) -> dict[str, Any]:
@@ -335,10 +362,12 @@ def _write_config(config: Any, workdir: Path) -> None:
 def run(config: Any, workdir: str | Path, *, stage: str = 'all', dry_run: bool = False) -> None:
   """Runs the pipeline (or one stage) in `workdir`; reruns resume and skip finished stages."""
   workdir = Path(workdir).expanduser()
+  _check_config(config)  # Before anything is written.
   workdir.mkdir(parents=True, exist_ok=True)
-  _check_config(config)
   if dry_run and stage not in ('all', 'margins'):
-    raise ValueError('--dry_run applies to the margins stage; use --stage=margins or no --stage')
+    raise app.UsageError(
+      '--dry_run applies to the margins stage; use --stage=margins or no --stage'
+    )
   ctx = Context(config, workdir, dry_run=dry_run)
   wanted = STAGES if stage == 'all' else (stage,)
   # Check every finished stage's settings before doing any work.
@@ -350,7 +379,7 @@ def run(config: Any, workdir: str | Path, *, stage: str = 'all', dry_run: bool =
       ctx.fingerprints[name] = defn.expected(config, ctx.upstream(name))['fingerprint']
     elif name not in wanted:
       if stage != 'all' and UPSTREAM.get(stage) and name in UPSTREAM[stage]:
-        raise RuntimeError(
+        raise app.UsageError(
           f'stage {stage!r} needs stage {name!r}, which is not complete in {workdir}; '
           f'run it first (--stage={name}) or run the whole pipeline (no --stage).'
         )

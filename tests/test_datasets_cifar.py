@@ -1,5 +1,6 @@
 """CIFAR-10/100 from hand-placed binary archives: small fake archives in a temp dir."""
 
+import dataclasses
 import hashlib
 import importlib.util
 import io
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from download_server import serve
 
 from puma_jax.datasets import DataError, builders, cifar, prepared
 
@@ -17,13 +19,14 @@ ROOT = Path(__file__).resolve().parents[1]
 PER_FILE = 3  # records per .bin file (the real files hold 10,000)
 
 
-def _config(kind, archive_dir):
+def _config(kind, archive_dir, *, download=False):
   spec = importlib.util.spec_from_file_location('default_config', ROOT / 'configs' / 'default.py')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   data = module.get_config('tiny').data
   data.real.kind = kind
   data.real.archive_dir = str(archive_dir)
+  data.real.download = download  # Offline unless a test serves the archive itself.
   data.real.num_shards = 2
   data.generated.kind = 'none'
   return data
@@ -98,6 +101,53 @@ def test_cifar_archive_builds_in_archive_order(tmp_path, monkeypatch, no_network
   # Once built, the archive is no longer needed.
   (tmp_path / 'archives' / cifar.ARCHIVES[kind].filename).unlink()
   assert prepared.prepare(_config(kind, tmp_path / 'archives'), tmp_path / 'data').built == ()
+
+
+@pytest.mark.parametrize('archive_dir', ['', 'archives'])
+def test_missing_archive_is_downloaded_into_the_data_dir(tmp_path, monkeypatch, archive_dir):
+  a = cifar.ARCHIVES['cifar10']
+  expected = make_archive(tmp_path / 'served', 'cifar10')
+  monkeypatch.setitem(cifar.EXPECTED_OVERRIDE, 'cifar10', expected['checksum'])
+  with serve({'/cifar.tgz': (tmp_path / 'served' / a.filename).read_bytes()}) as server:
+    monkeypatch.setitem(
+      cifar.ARCHIVES, 'cifar10', dataclasses.replace(a, url=server.url('/cifar.tgz'))
+    )
+    folder = tmp_path / archive_dir if archive_dir else ''
+    p = prepared.prepare(_config('cifar10', folder, download=True), tmp_path / 'data')
+    assert len(server.requests) == 1
+  np.testing.assert_array_equal(p.real_train.labels(), expected['train'][1])
+  kept = (tmp_path / archive_dir if archive_dir else tmp_path / 'data' / 'downloads') / a.filename
+  assert kept.read_bytes() == (tmp_path / 'served' / a.filename).read_bytes()
+
+
+def test_processes_that_do_not_build_never_download(tmp_path, monkeypatch):
+  # Processes other than 0 open what process 0 prepared (build=False) after the barrier.
+  a = cifar.ARCHIVES['cifar10']
+  expected = make_archive(tmp_path / 'served', 'cifar10')
+  monkeypatch.setitem(cifar.EXPECTED_OVERRIDE, 'cifar10', expected['checksum'])
+  with serve({'/c.tgz': (tmp_path / 'served' / a.filename).read_bytes()}) as server:
+    monkeypatch.setitem(cifar.ARCHIVES, 'cifar10', dataclasses.replace(a, url=server.url('/c.tgz')))
+    config = _config('cifar10', '', download=True)
+    with pytest.raises(DataError, match='not prepared yet'):
+      prepared.prepare(config, tmp_path / 'data', build=False)
+    assert server.requests == []
+    prepared.prepare(config, tmp_path / 'data')  # Process 0.
+    assert prepared.prepare(config, tmp_path / 'data', build=False).built == ()
+    assert len(server.requests) == 1
+
+
+def test_unreachable_archive_url_says_how_to_place_it_by_hand(tmp_path, monkeypatch):
+  a = cifar.ARCHIVES['cifar10']
+  monkeypatch.setitem(cifar.EXPECTED_OVERRIDE, 'cifar10', cifar.expected_checksum('cifar10'))
+  with serve({}) as server:  # Answers 404.
+    url = server.url('/cifar.tgz')
+    monkeypatch.setitem(cifar.ARCHIVES, 'cifar10', dataclasses.replace(a, url=url))
+    with pytest.raises(DataError) as e:
+      prepared.prepare(_config('cifar10', '', download=True), tmp_path / 'data')
+  msg = str(e.value)
+  for needle in (url, 'HTTP 404', 'data.real.archive_dir', 'data.real.download=False'):
+    assert needle in msg
+  assert not (tmp_path / 'data' / 'puma_real' / 'cifar10').exists()
 
 
 def test_official_checksums_come_from_tfds():

@@ -120,7 +120,7 @@ def test_peer_small_cnn_matches_numpy_reference(tmp_path):
   sd = _cnn_state_dict(rs, 3, PEER_CNN['conv_channels'], PEER_CNN['dense_widths'], 8)
   x = rs.rand(3, 3, 32, 32).astype(np.float32)
   np.savez(tmp_path / 'w.npz', **sd)
-  variables = models.import_torch_npz('small_cnn', str(tmp_path / 'w.npz'), **PEER_CNN)
+  variables = models.import_torch_state_dict('small_cnn', str(tmp_path / 'w.npz'), **PEER_CNN)
   model = models.create('small_cnn', num_classes=10, **PEER_CNN)
   expected = _cnn_forward({k: v.astype(np.float64) for k, v in sd.items()}, x, (0, 1, 1), 1)
   np.testing.assert_allclose(_apply(model, variables, x), expected, atol=2e-5, rtol=1e-4)
@@ -251,10 +251,10 @@ def test_preact_resnet18_weights_load_from_an_npz_file(tmp_path):
   sd = _resnet_state_dict(np.random.RandomState(9), width=16)
   path = tmp_path / 'w.npz'
   np.savez(path, **sd)
-  loaded = models.import_torch_npz('preact_resnet18', str(path), width=16, num_classes=10)
+  loaded = models.import_torch_state_dict('preact_resnet18', str(path), width=16, num_classes=10)
   expected = preact_resnet.convert_torch_state_dict(sd, width=16, num_classes=10)
   assert jax.tree.structure(loaded) == jax.tree.structure(expected)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b, strict=True), loaded, expected)
   missing = tmp_path / 'missing.npz'
   with pytest.raises(ValueError, match=re.escape(str(missing))):
-    models.import_torch_npz('preact_resnet18', str(missing), width=16)
+    models.import_torch_state_dict('preact_resnet18', str(missing), width=16)

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from absl import app
 from PIL import Image
 
 from puma_jax import margins, models, pipeline, stages, train
@@ -77,7 +78,7 @@ def test_a_changed_setting_is_refused_with_a_way_forward(default_run):
 
 
 def test_one_stage_needs_its_inputs(tmp_path):
-  with pytest.raises(RuntimeError, match='run it first'):
+  with pytest.raises(app.UsageError, match='run it first'):
     pipeline.run(_config('default'), tmp_path, stage='train')
 
 
@@ -102,7 +103,7 @@ def test_margin_model_from_a_pytorch_state_dict(tmp_path):
   for stage in ('prepare', 'margin_model', 'margins'):
     pipeline.run(config, workdir, stage=stage)
 
-  expected = margins.model_fingerprint(models.import_torch_npz('small_cnn', str(weights)))
+  expected = margins.model_fingerprint(models.import_torch_state_dict('small_cnn', str(weights)))
   for stage in ('margin_model', 'margins'):
     outputs = json.loads((workdir / stage / 'stage.json').read_text())['outputs']
     assert outputs['model_fingerprint'] == expected, stage

@@ -102,7 +102,7 @@ def test_torch_import_matches_numpy_reference(torch_weights, tmp_path):
   np.savez(path, **{f'module.{k}': v for k, v in torch_weights.items()})
   mean, std = wide_resnet.CIFAR100_MEAN, wide_resnet.CIFAR100_STD
   kwargs = dict(num_classes=NUM_CLASSES, depth=DEPTH, width=WIDTH, mean=mean, std=std)
-  variables = models.import_torch_npz('wrn', str(path), **kwargs)
+  variables = models.import_torch_state_dict('wrn', str(path), **kwargs)
   model = models.create('wrn', activation='swish', **kwargs)
 
   x = np.random.default_rng(1).uniform(0, 1, (3, 32, 32, 3)).astype(np.float32)

@@ -11,10 +11,12 @@
 
 from puma_jax.datasets import input_pipeline, sidecar
 from puma_jax.datasets.errors import DataError
-from puma_jax.datasets.prepared import Prepared, prepare
+from puma_jax.datasets.prepared import GENERATED_KINDS, REAL_KINDS, Prepared, prepare
 from puma_jax.datasets.splits import SOURCE_IDS, Split, open_split
 
 __all__ = [
+  'GENERATED_KINDS',
+  'REAL_KINDS',
   'SOURCE_IDS',
   'DataError',
   'Prepared',

@@ -1,17 +1,17 @@
-"""CIFAR-10 / CIFAR-100 from the official binary archives, placed by hand (no network).
+"""CIFAR-10 / CIFAR-100 from the official binary archives, downloaded or placed by hand.
 
-The user downloads `cifar-10-binary.tar.gz` or `cifar-100-binary.tar.gz` from
-https://www.cs.toronto.edu/~kriz/cifar.html and puts it in the folder named by
-`data.real.archive_dir`. The archive is checked against the size and sha256 that
-TFDS ships for the same URL (`tensorflow_datasets/url_checksums/cifar10*.txt`),
-then read with tarfile + numpy. Binary records: CIFAR-10 is <1 label byte><3072
-pixel bytes>, CIFAR-100 is <coarse byte><fine byte><3072 bytes> (fine labels are
+`ensure_archive` finds `cifar-10-binary.tar.gz` or `cifar-100-binary.tar.gz`
+in the folder named by `data.real.archive_dir` (default: `<data_dir>/downloads`)
+and, when it is missing and `data.real.download` is on, downloads it from
+https://www.cs.toronto.edu/~kriz/ (resumable, see `download.py`). The archive is
+checked against the size and sha256 that TFDS ships for the same URL
+(`tensorflow_datasets/url_checksums/cifar10*.txt`), then read with tarfile +
+numpy. Binary records: CIFAR-10 is <1 label byte><3072 pixel bytes>, CIFAR-100 is <coarse byte><fine byte><3072 bytes> (fine labels are
 used); pixels are R, G, B planes of 32x32, transposed here to HWC. Train order is
 the archive's (data_batch_1..5 for CIFAR-10), as in TFDS and torchvision.
 """
 
 import dataclasses
-import hashlib
 import os
 import tarfile
 import zlib
@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download import checksums as tfds_checksums
 
+from puma_jax.datasets import download
 from puma_jax.datasets.errors import DataError
 
 IMAGE_SHAPE = (32, 32, 3)
@@ -85,22 +86,49 @@ def expected_checksum(kind: str) -> tuple[int, str]:
   return int(info.size), str(info.checksum)
 
 
-def sha256_file(path: Path, block: int = 1 << 20) -> str:
-  h = hashlib.sha256()
-  with open(path, 'rb') as f:
-    while chunk := f.read(block):
-      h.update(chunk)
-  return h.hexdigest()
+sha256_file = download.sha256_file
 
 
-def _where(kind: str, archive_dir: str) -> str:
+def _where(kind: str, archive_dir: str, *, offer_download: bool = True) -> str:
   a = ARCHIVES[kind]
   size, sha = expected_checksum(kind)
   return (
     f'Download {a.filename} (the binary version, {size} bytes, sha256 {sha}) from {a.url} and '
-    f'put it in the folder named by data.real.archive_dir (now {archive_dir!r}). '
-    'Nothing is downloaded automatically.'
+    f'put it in the folder named by data.real.archive_dir (now {archive_dir!r})'
+    + (', or set data.real.download=True to download it automatically.' if offer_download else '.')
   )
+
+
+def ensure_archive(kind: str, archive_dir: str | os.PathLike, *, download_missing: bool) -> Path:
+  """The verified archive in `archive_dir`, downloaded first if missing and allowed.
+
+  Args:
+    kind: 'cifar10' or 'cifar100'.
+    archive_dir: the folder holding (or receiving) the archive.
+    download_missing: download the official archive when it is not there
+      (`data.real.download`); if False, a missing archive is an error.
+
+  Raises:
+    DataError: as `verify_archive`, or a failed download (naming the URL and how
+      to place the file by hand).
+  """
+  if kind not in ARCHIVES:
+    raise DataError(f'unknown CIFAR kind {kind!r}; known: {sorted(ARCHIVES)}')
+  a = ARCHIVES[kind]
+  if download_missing and archive_dir and not (Path(archive_dir) / a.filename).exists():
+    size, sha = expected_checksum(kind)
+    download.fetch(
+      a.url,
+      Path(archive_dir) / a.filename,
+      sha256=sha,
+      size=size,
+      by_hand=(
+        'Or place it by hand: '
+        + _where(kind, os.fspath(archive_dir), offer_download=False)
+        + ' Set data.real.download=False to stay offline.'
+      ),
+    )
+  return verify_archive(kind, archive_dir)
 
 
 def verify_archive(kind: str, archive_dir: str | os.PathLike) -> Path:

@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,11 @@ from typing import Any
 import tensorflow_datasets as tfds
 from absl import logging
 
-from puma_jax.datasets import builders, sources, splits
+from puma_jax.datasets import builders, download, sources, splits
 from puma_jax.datasets.errors import DataError
 
 REAL_KINDS = ('mnist_embedded', 'cifar10', 'cifar100', 'image_folder')
+DOWNLOADS = 'downloads'  # Folder under data_dir that keeps downloaded files.
 GENERATED_KINDS = ('none', 'embedded', 'npz')
 
 
@@ -117,7 +119,7 @@ def prepare(data_config: Any, data_dir: str | os.PathLike, *, build: bool = True
   if real_cfg.kind == 'image_folder':
     real_dir = _image_folder_dir(data_dir, real_cfg.name)
   else:
-    plan = _real_plan(real_cfg)
+    plan = _real_plan(real_cfg, data_dir)
     real_dir = _ensure(plan, data_dir, build, built)
   real_train = splits.open_split(real_dir, 'train', source_id=0, data_dir=data_dir)
   real_test = splits.open_split(real_dir, 'test', source_id=0, data_dir=data_dir)
@@ -144,15 +146,17 @@ def prepare(data_config: Any, data_dir: str | os.PathLike, *, build: bool = True
   return prepared
 
 
-def _real_plan(cfg: Any) -> _Plan:
+def _real_plan(cfg: Any, data_dir: Path) -> _Plan:
   kind = cfg.kind
   if kind == 'mnist_embedded':
     spec, make = sources.mnist_spec(), sources.mnist_source
   elif kind in ('cifar10', 'cifar100'):
     spec = sources.cifar_spec(kind)
+    # Offline (download=False) without archive_dir stays an error that names the field.
+    archive_dir = cfg.archive_dir or (os.fspath(data_dir / DOWNLOADS) if cfg.download else '')
 
     def make():
-      return sources.cifar_source(kind, cfg.archive_dir)
+      return sources.cifar_source(kind, archive_dir, download=cfg.download)
   else:
     raise DataError(f'data.real.kind={kind!r} is not one of {REAL_KINDS}; fix the config.')
   return _Plan(
@@ -184,10 +188,40 @@ def _generated_plan(gen_cfg: Any, real_cfg: Any, real: splits.Split, data_dir: P
       return _embedded_source(gen_cfg, real, data_dir, spec)
 
     field = 'data.generated (kind=embedded: seed, num_examples)'
+  elif gen_cfg.url:
+    url, sha256 = gen_cfg.url, gen_cfg.sha256.strip().lower()
+    if len(sha256) != 64 or any(c not in '0123456789abcdef' for c in sha256):
+      raise DataError(
+        f"data.generated.url needs data.generated.sha256, the 64 hex digits of the file's "
+        f'sha256 (now {gen_cfg.sha256!r}); `sha256sum FILE` prints it.'
+      )
+    if gen_cfg.path:
+      path = Path(gen_cfg.path).expanduser()
+    else:
+      path = data_dir / DOWNLOADS / (Path(urllib.parse.urlparse(url).path).name or 'generated.npz')
+    spec = sources.npz_url_spec(url, sha256, path)
+
+    def make():
+      download.fetch(
+        url,
+        path,
+        sha256=sha256,
+        by_hand=(
+          f'Or download it by hand (sha256 {sha256}) and place it at {path} '
+          "(data.generated.path), or set data.generated.url to '' and data.generated.path "
+          'to the file.'
+        ),
+      )
+      return sources.npz_source(
+        path, num_classes=real.num_classes, image_shape=real.image_shape, spec=spec
+      )
+
+    field = f'data.generated.url ({url})'
   else:
     if not gen_cfg.path:
       raise DataError(
-        'data.generated.kind=npz needs data.generated.path: the .npz with `image` and `label`.'
+        'data.generated.kind=npz needs data.generated.path (the .npz with `image` and `label`), '
+        'or data.generated.url with data.generated.sha256 to download it.'
       )
     path = Path(gen_cfg.path).expanduser()
     # A missing file is fine only if this very file was built already (checked in _ensure).

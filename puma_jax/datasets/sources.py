@@ -21,7 +21,7 @@ from puma_jax.datasets import builders, cifar, generator, mnist, npz
 from puma_jax.datasets.errors import DataError
 
 # Spec keys that describe but do not identify a source (ignored when comparing).
-INFO_KEYS = ('path',)
+INFO_KEYS = ('path', 'url')
 
 
 @dataclasses.dataclass
@@ -52,8 +52,9 @@ def cifar_spec(kind: str) -> dict[str, Any]:
   return {'kind': kind, 'archive_sha256': cifar.expected_checksum(kind)[1]}
 
 
-def cifar_source(kind: str, archive_dir: str) -> Source:
-  path = cifar.verify_archive(kind, archive_dir)
+def cifar_source(kind: str, archive_dir: str | os.PathLike, *, download: bool = False) -> Source:
+  """The CIFAR archive in `archive_dir` (downloaded first if missing and `download`)."""
+  path = cifar.ensure_archive(kind, archive_dir, download_missing=download)
   logging.info('reading %s', path)
   data = cifar.read_archive(kind, path)
   arrays = {
@@ -73,6 +74,11 @@ def cifar_source(kind: str, archive_dir: str) -> Source:
 
 def npz_spec(path: str | os.PathLike) -> dict[str, Any]:
   return {'kind': 'npz', 'path': os.fspath(Path(path).resolve()), 'arrays': npz.fingerprint(path)}
+
+
+def npz_url_spec(url: str, sha256: str, path: str | os.PathLike) -> dict[str, Any]:
+  """A downloaded .npz is identified by its sha256 (the URL and path only describe it)."""
+  return {'kind': 'npz_url', 'sha256': sha256, 'url': url, 'path': os.fspath(Path(path).resolve())}
 
 
 def npz_source(

@@ -177,3 +177,47 @@ def convert_torch_state_dict(
   if unexpected:
     raise ValueError(f'PyTorch state_dict has tensors PreActResNet18 does not use: {unexpected}')
   return {'params': params, 'batch_stats': stats}
+
+
+def to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """The PyTorch state_dict of the PreActResNet18; the inverse of `convert_torch_state_dict`.
+
+  Keys follow the TRADES PreActResNet18 (`conv1`, `layer{1-4}.{0,1}.{bn1,conv1,bn2,conv2}`,
+  `layer{2-4}.0.shortcut.0`, `bn`, `linear`): conv kernels [h,w,I,O] -> weight
+  [O,I,h,w], BatchNorm scale/bias/mean/var -> weight/bias/running_mean/running_var
+  (plus `num_batches_tracked` = 0, int64), the linear kernel [I,K] -> weight [K,I].
+
+  Args:
+    variables: {'params': ..., 'batch_stats': ...} of a `PreActResNet18`.
+
+  Returns:
+    name -> array (float32; int64 for num_batches_tracked), in PyTorch's key order.
+  """
+  params, stats = variables['params'], variables['batch_stats']
+  sd: dict[str, np.ndarray] = {}
+
+  def conv(key: str, p: Mapping[str, Any]) -> None:
+    sd[f'{key}.weight'] = np.asarray(p['kernel'], np.float32).transpose(3, 2, 0, 1)
+
+  def bn(key: str, p: Mapping[str, Any], s: Mapping[str, Any]) -> None:
+    sd[f'{key}.weight'] = np.asarray(p['scale'], np.float32)
+    sd[f'{key}.bias'] = np.asarray(p['bias'], np.float32)
+    sd[f'{key}.running_mean'] = np.asarray(s['mean'], np.float32)
+    sd[f'{key}.running_var'] = np.asarray(s['var'], np.float32)
+    sd[f'{key}.num_batches_tracked'] = np.zeros((), np.int64)
+
+  conv('conv1', params['conv1'])
+  for i in range(len(_STAGES)):
+    for j in range(_BLOCKS_PER_STAGE):
+      t, f = f'layer{i + 1}.{j}', f'layer{i + 1}_{j}'
+      p, s = params[f], stats[f]
+      bn(f'{t}.bn1', p['bn1'], s['bn1'])
+      conv(f'{t}.conv1', p['conv1'])
+      bn(f'{t}.bn2', p['bn2'], s['bn2'])
+      conv(f'{t}.conv2', p['conv2'])
+      if 'shortcut' in p:
+        conv(f'{t}.shortcut.0', p['shortcut'])
+  bn('bn', params['bn'], stats['bn'])
+  sd['linear.weight'] = np.asarray(params['linear']['kernel'], np.float32).T
+  sd['linear.bias'] = np.asarray(params['linear']['bias'], np.float32)
+  return sd

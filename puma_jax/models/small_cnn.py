@@ -14,6 +14,7 @@ and `fc1`, `fc2`, ... (the last `fc` is the classifier), so a PyTorch `state_dic
 with those names converts with `convert_torch_state_dict`.
 """
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -149,3 +150,45 @@ def _chw_rows_to_hwc(kernel: np.ndarray, channels: int, name: str) -> np.ndarray
       f'PyTorch tensor {name}.weight has {n_in} inputs, not channels ({channels}) x a square map'
     )
   return kernel.reshape(channels, side, side, -1).transpose(1, 2, 0, 3).reshape(n_in, -1)
+
+
+def to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """The PyTorch state_dict of the SmallCNN; the inverse of `convert_torch_state_dict`.
+
+  `conv{i}.weight` [O,I,h,w] and `.bias`, `fc{j}.weight` [out,in] and `.bias`; the
+  rows of `fc1` go back from this model's HWC flattening to PyTorch's CHW order
+  (square maps), so the PyTorch model flattens its NCHW map with `x.flatten(1)`.
+
+  Args:
+    variables: {'params': ...} of a `SmallCNN`.
+
+  Returns:
+    name -> float32 array.
+  """
+  params = variables['params']
+  sd: dict[str, np.ndarray] = {}
+  num_convs = sum(1 for k in params if re.fullmatch(r'conv\d+', k))
+  num_fcs = sum(1 for k in params if re.fullmatch(r'fc\d+', k))
+  channels = None
+  for i in range(1, num_convs + 1):
+    kernel = np.asarray(params[f'conv{i}']['kernel'], np.float32)
+    sd[f'conv{i}.weight'] = kernel.transpose(3, 2, 0, 1)
+    sd[f'conv{i}.bias'] = np.asarray(params[f'conv{i}']['bias'], np.float32)
+    channels = kernel.shape[-1]
+  for j in range(1, num_fcs + 1):
+    kernel = np.asarray(params[f'fc{j}']['kernel'], np.float32)
+    if j == 1 and channels is not None:
+      kernel = _hwc_rows_to_chw(kernel, channels, f'fc{j}')
+    sd[f'fc{j}.weight'] = kernel.T
+    sd[f'fc{j}.bias'] = np.asarray(params[f'fc{j}']['bias'], np.float32)
+  return sd
+
+
+def _hwc_rows_to_chw(kernel: np.ndarray, channels: int, name: str) -> np.ndarray:
+  """Reorders the input rows of an (H*W*C, out) kernel from HWC to CHW order (square maps)."""
+  n_in = kernel.shape[0]
+  hw = n_in // channels
+  side = int(round(hw**0.5))
+  if hw * channels != n_in or side * side != hw:
+    raise ValueError(f'{name} kernel has {n_in} inputs, not a square map of {channels} channels')
+  return kernel.reshape(side, side, channels, -1).transpose(2, 0, 1, 3).reshape(n_in, -1)

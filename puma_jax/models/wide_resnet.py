@@ -303,3 +303,51 @@ def _check_shapes(variables: dict[str, Any], *, in_channels: int, **model_kwargs
       f'the PyTorch weights do not fit WideResNet({fields}) ({len(problems)} problems, e.g. '
       f'{problems[:3]}); set model.depth / model.width / model.num_classes to the checkpoint.'
     )
+
+
+_FLAX_BLOCK = re.compile(r'^layer_(\d+)_block_(\d+)$')
+
+
+def to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """The PyTorch state_dict of DM-Improves-AT's WideResNet; the inverse of the converter.
+
+  Keys and shapes are those of `core/models/wideresnetwithswish.py` (RobustBench's
+  `DMWideResNet`): conv kernels [h,w,I,O] -> weight [O,I,h,w]; BatchNorm scale/bias
+  -> weight/bias, mean/var -> running_mean/running_var, plus a `num_batches_tracked`
+  of 0 (int64; unused with PyTorch's momentum); the linear kernel [I,K] -> weight [K,I].
+  `convert_torch_state_dict` of the result gives back `variables` exactly.
+
+  Args:
+    variables: {'params': ..., 'batch_stats': ...} of a `WideResNet`.
+
+  Returns:
+    name -> array (float32, int64 for num_batches_tracked), in PyTorch's key order.
+  """
+  params, stats = variables['params'], variables['batch_stats']
+  sd: dict[str, np.ndarray] = {}
+
+  def conv(key: str, p: Mapping[str, Any]) -> None:
+    sd[f'{key}.weight'] = np.asarray(p['kernel'], np.float32).transpose(3, 2, 0, 1)
+
+  def batchnorm(key: str, p: Mapping[str, Any], s: Mapping[str, Any]) -> None:
+    for t, name in _BN_PARAMS.items():
+      sd[f'{key}.{t}'] = np.asarray(p[name], np.float32)
+    for t, name in _BN_STATS.items():
+      sd[f'{key}.{t}'] = np.asarray(s[name], np.float32)
+    sd[f'{key}.num_batches_tracked'] = np.zeros((), np.int64)
+
+  conv('init_conv', params['init_conv'])
+  blocks = sorted((int(m[1]), int(m[2])) for k in params if (m := _FLAX_BLOCK.match(k)))
+  for group, i in blocks:
+    p, s = params[f'layer_{group}_block_{i}'], stats[f'layer_{group}_block_{i}']
+    prefix = f'layer.{group}.block.{i}'
+    batchnorm(f'{prefix}.batchnorm_0', p['batchnorm_0'], s['batchnorm_0'])
+    conv(f'{prefix}.conv_0', p['conv_0'])
+    batchnorm(f'{prefix}.batchnorm_1', p['batchnorm_1'], s['batchnorm_1'])
+    conv(f'{prefix}.conv_1', p['conv_1'])
+    if 'shortcut' in p:
+      conv(f'{prefix}.shortcut', p['shortcut'])
+  batchnorm('batchnorm', params['batchnorm'], stats['batchnorm'])
+  sd['logits.weight'] = np.asarray(params['logits']['kernel'], np.float32).T
+  sd['logits.bias'] = np.asarray(params['logits']['bias'], np.float32)
+  return sd
