@@ -54,8 +54,6 @@ run at a deterministic point.
 import collections
 import dataclasses
 import functools
-import hashlib
-import json
 import math
 import os
 import queue
@@ -72,9 +70,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from puma_jax import margin_report, parallel
+from puma_jax import artifacts, margin_report, parallel
 from puma_jax.attacks.deepfool import NORMS, deepfool
-from puma_jax.datasets import fileio, input_pipeline, sidecar
+from puma_jax.datasets import input_pipeline, sidecar
 from puma_jax.datasets.splits import SOURCE_IDS, Split
 from puma_jax.progress import Progress, format_seconds
 
@@ -144,33 +142,13 @@ def settings_from_config(margins_config: Any) -> DeepFoolSettings:
 
 
 def model_fingerprint(variables: Any) -> str:
-  """'sha256:<hex>' over the variables' leaves: key paths, dtypes, shapes and bytes.
+  """'sha256:<hex>' over the variables' key paths, dtypes, shapes and bytes.
 
-  Stable across processes, devices and runs; any change of a weight, a name or
-  a dtype changes it. Arrays sharded across processes must be fully replicated
-  (as margin-model weights are) so that every process can read them.
+  `artifacts.tree_fingerprint`: stable across processes, devices and runs.
+  Arrays sharded across processes must be fully replicated (as margin-model
+  weights are) so that every process can read them.
   """
-  h = hashlib.sha256(b'puma_jax.model_fingerprint.v1\0')
-  leaves, _ = jax.tree_util.tree_flatten_with_path(variables)
-  for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
-    name = jax.tree_util.keystr(path)
-    arr = _to_host(leaf, name)
-    if arr.dtype.byteorder == '>':
-      arr = arr.astype(arr.dtype.newbyteorder('<'))
-    header = json.dumps({'name': name, 'dtype': arr.dtype.name, 'shape': list(arr.shape)})
-    h.update(len(header).to_bytes(8, 'little'))
-    h.update(header.encode())
-    h.update(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
-  return 'sha256:' + h.hexdigest()
-
-
-def _to_host(leaf: Any, name: str = 'leaf') -> np.ndarray:
-  if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable and not leaf.is_fully_replicated:
-    raise ValueError(
-      f'margin-model variable {name} is sharded across processes; replicate the weights '
-      '(e.g. parallel.replicate) before computing margins'
-    )
-  return np.asarray(leaf)
+  return artifacts.tree_fingerprint(variables)
 
 
 def describe_module(model: nn.Module) -> dict[str, Any]:
@@ -552,7 +530,7 @@ class MarginEngine:
     self.model, self.settings = model, settings
     self.mesh, self.batch_size, self.slots = mesh, batch_size, _check_slots(slots)
     self.sharding = parallel.data_sharding(mesh)
-    host = jax.tree.map(_to_host, variables)
+    host = jax.tree.map(artifacts.to_host, variables)
     self.variables = parallel.replicate(host, mesh)
     leaves, treedef = jax.tree.flatten(host)
     self._struct = (treedef, tuple((tuple(a.shape), a.dtype.name) for a in leaves))
@@ -593,7 +571,7 @@ def _clean_temporaries(split: Split, shard_id: int, tags: Sequence[str], root: A
   """Removes temp files a killed writer of this shard left (only this process writes it)."""
   for tag in tags:
     path = sidecar.sidecar_path(split, tag, shard_id, root)
-    for tmp in path.parent.glob(f'.{path.stem}{fileio.TMP_MARKER}*{path.suffix}'):
+    for tmp in path.parent.glob(f'.{path.stem}{artifacts.TMP_MARKER}*{path.suffix}'):
       tmp.unlink(missing_ok=True)
 
 
@@ -1139,4 +1117,4 @@ def write_estimate(estimate: CostEstimate, path: str | os.PathLike) -> Path:
     device_hours=estimate.device_hours(),
     cost=estimate.cost(),
   )
-  return fileio.write_json(path, data)
+  return artifacts.write_json(path, data)

@@ -7,7 +7,6 @@ checkpoint, margins shard by shard, evaluation batch by batch), and refuses a
 stage whose saved settings disagree with the config, saying how to proceed.
 """
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from puma_jax import datasets, margins, models, parallel, pruning, report, stages, train
+from puma_jax import artifacts, datasets, margins, models, parallel, pruning, report, stages, train
 
 STAGES = ('prepare', 'margin_model', 'margins', 'prune', 'train', 'evaluate', 'report')
 MARGIN_MODEL_SOURCES = ('train', 'checkpoint', 'torch_npz')
@@ -287,7 +286,7 @@ def run_evaluate(ctx: Context) -> dict[str, Any]:
     model_fingerprint=margins.model_fingerprint(variables),
   )
   if jax.process_index() == 0:
-    stages.atomic_write_json(ctx.stage_dir('evaluate') / 'report.json', rep)
+    artifacts.write_json(ctx.stage_dir('evaluate') / 'report.json', rep)
   keys = ('clean_acc', 'pgd_ce_acc', 'pgd_cw_acc', 'autoattack_acc', 'worst_case_acc')
   return {k: rep[k] for k in keys}
 
@@ -331,7 +330,7 @@ def _skipped(config: Any, name: str) -> bool:
 
 def _write_config(config: Any, workdir: Path) -> None:
   if jax.process_index() == 0:
-    stages.atomic_write_json(workdir / 'config.json', json.loads(config.to_json_best_effort()))
+    artifacts.write_config(workdir, config)
 
 
 def run(config: Any, workdir: str | Path, *, stage: str = 'all', dry_run: bool = False) -> None:

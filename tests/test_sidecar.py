@@ -145,8 +145,8 @@ def test_settings_mismatch_lists_the_keys(split):
   _write_all(split)
   with pytest.raises(SidecarError, match='other settings') as e:
     sidecar.load(split, 'margins', {**SETTINGS, 'num_candidates': 20, 'model_sha256': 'ff'})
-  assert 'num_candidates: 10 vs 20' in str(e.value)
-  assert "model_sha256: 'ab12' vs 'ff'" in str(e.value)
+  assert 'num_candidates: 10 -> 20' in str(e.value)
+  assert "model_sha256: 'ab12' -> 'ff'" in str(e.value)
   assert 'norm' not in str(e.value)
 
 

@@ -56,8 +56,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
+from puma_jax import artifacts as fileio  # atomic writes (the converter moves to tools/)
 from puma_jax import progress
-from puma_jax.datasets import builders, fileio, splits
+from puma_jax.datasets import builders, splits
 from puma_jax.datasets.errors import DataError
 
 VERSION = builders.VERSION

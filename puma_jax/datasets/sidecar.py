@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from puma_jax.datasets import fileio
+from puma_jax import artifacts
 from puma_jax.datasets.errors import DataError
 from puma_jax.datasets.splits import Split
 
@@ -74,7 +74,7 @@ def manifest_path(split: Split, tag: str, root: str | os.PathLike | None = None)
 
 def _normalise(settings: Any) -> Any:
   try:
-    return json.loads(json.dumps(settings, sort_keys=True))
+    return artifacts.canonical(settings)
   except TypeError as e:
     raise TypeError(
       f'sidecar settings must be JSON-serialisable (numbers, strings, lists): {e}'
@@ -95,22 +95,6 @@ def _manifest_for(split: Split, tag: str, settings: dict[str, Any]) -> dict[str,
     'labels_fingerprint': split.labels_fingerprint(),
     'settings': _normalise(settings),
   }
-
-
-def _differences(a: Any, b: Any, prefix: str = '') -> list[str]:
-  """Human-readable differences between two JSON values (keys that differ)."""
-  if isinstance(a, dict) and isinstance(b, dict):
-    out = []
-    for k in sorted(set(a) | set(b)):
-      key = f'{prefix}.{k}' if prefix else str(k)
-      if k not in a:
-        out.append(f'{key}: absent vs {b[k]!r}')
-      elif k not in b:
-        out.append(f'{key}: {a[k]!r} vs absent')
-      else:
-        out.extend(_differences(a[k], b[k], key))
-    return out
-  return [] if a == b else [f'{prefix or "value"}: {a!r} vs {b!r}']
 
 
 def read_manifest(split: Split, tag: str, root: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -160,13 +144,13 @@ def check_manifest(
         'or the sidecars belong to another dataset. Recompute them.'
       )
   if expected_settings is not None:
-    diff = _differences(manifest.get('settings'), _normalise(expected_settings))
-    if diff:
-      raise SidecarError(
-        f'{path}: sidecars were computed with other settings (saved vs expected): '
-        + '; '.join(diff)
-        + '. Recompute them, or use the settings they were computed with.'
-      )
+    artifacts.check_same(
+      manifest.get('settings'),
+      _normalise(expected_settings),
+      what=f'{path}: the sidecars',
+      fix='Recompute them, or use the settings they were computed with.',
+      error=SidecarError,
+    )
 
 
 def write_manifest(
@@ -211,7 +195,7 @@ def write_manifest(
     )
   for p in stale:
     p.unlink()
-  fileio.write_json(path, new)
+  artifacts.write_json(path, new)
   return new
 
 
@@ -232,7 +216,7 @@ def write_shard(
     )
   if not (np.issubdtype(values.dtype, np.floating) or np.issubdtype(values.dtype, np.integer)):
     raise ValueError(f'sidecar values must be numbers, got dtype {values.dtype}')
-  return fileio.save_npy(sidecar_path(split, tag, shard_id, root), values.astype(np.float32))
+  return artifacts.save_npy(sidecar_path(split, tag, shard_id, root), values.astype(np.float32))
 
 
 def _header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
