@@ -3,11 +3,12 @@
 `compute_margins(model, variables, splits, settings=..., batch_size=...)` scores
 every example of the given splits (real and generated training data) with
 `attacks.deepfool` on the margin model and stores, beside each TFDS shard (or
-under `sidecar_root`), three sidecars (`datasets.sidecar`), float32 in shard order:
+under `sidecar_root`), three sidecars (`datasets.sidecar`, each with a sha256
+checksum file), in shard order:
 
-  <shard>.<tag>.npy              the signed margin (negative: the model misclassifies it)
-  <shard>.<tag>_iterations.npy   DeepFool steps taken (integers stored as float32)
-  <shard>.<tag>_converged.npy    1.0 if the prediction flipped within max_iter, else 0.0
+  <shard>.<tag>.npy              f32: the signed margin (negative: the model misclassifies it)
+  <shard>.<tag>_iterations.npy   i32: DeepFool steps taken
+  <shard>.<tag>_converged.npy    bool: whether the prediction flipped within max_iter
 
 with one manifest per split and tag whose `settings` hold the DeepFool settings,
 the margin model's fingerprint (`model_fingerprint`: sha256 over the variables'
@@ -31,8 +32,10 @@ How the work is organised:
   thread moves on to the next shard while this one computes, and batch t+1 is
   dispatched to the devices before the results of batch t are pulled back.
 - Resume: a shard whose three sidecars are complete under a matching manifest
-  is skipped; sidecars are written atomically (temp file + rename), the margin
-  last, so a shard killed at any point is simply recomputed. Computation is
+  and pass their checksums is skipped (a damaged one is recomputed, with a
+  warning); sidecars are written atomically (temp file + rename), the margin
+  last, so a shard killed at any point is simply recomputed. This process's
+  arrays stay in memory: only the shards of other processes are read back. Computation is
   deterministic, so a killed and resumed run ends with the same arrays as an
   uninterrupted one (same batch size and devices; other batch sizes or device
   counts change margins by float rounding, which can rarely change an example's
@@ -44,11 +47,6 @@ How the work is organised:
 `estimate_margin_cost` times a short probe on the current devices and projects
 the wall time, device-hours and cost of N examples on D devices (the main
 job's `--dry_run`).
-
-Testing hook: the environment variable `PUMA_JAX_MARGINS_TEST_KILL=<event>:<n>`
-makes the process SIGKILL itself after its n-th `batch` result, its n-th
-sidecar `file` written, or its n-th `shard` completed, so tests can interrupt a
-run at a deterministic point.
 """
 
 import collections
@@ -57,7 +55,6 @@ import functools
 import math
 import os
 import queue
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -76,9 +73,9 @@ from puma_jax.datasets import input_pipeline, sidecar
 from puma_jax.datasets.splits import SOURCE_IDS, Split
 from puma_jax.progress import Progress, format_seconds
 
-# The quantities stored per example, and the suffix of their sidecar tag.
+# The quantities stored per example, the suffix of their sidecar tag, and their dtype.
 QUANTITIES = {'margin': '', 'iterations': '_iterations', 'converged': '_converged'}
-KILL_ENV = 'PUMA_JAX_MARGINS_TEST_KILL'
+DTYPES = {'margin': np.float32, 'iterations': np.int32, 'converged': np.bool_}
 _SOURCE_NAMES = {v: k for k, v in SOURCE_IDS.items()}
 
 
@@ -355,12 +352,6 @@ def _check_existing(
       )
 
 
-def _kill_hook(event: str, count: int) -> None:
-  if os.environ.get(KILL_ENV) == f'{event}:{count}':
-    logging.warning('%s=%s: killing this process now', KILL_ENV, os.environ[KILL_ENV])
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 class _Prefetch:
   """Iterates `make_items()` in a background thread, at most `depth` items ahead.
 
@@ -432,8 +423,8 @@ class _ShardBuffer:
       split,
       shard_id,
       np.zeros(n, np.float32),
-      np.zeros(n, np.float32),
-      np.zeros(n, np.float32),
+      np.zeros(n, np.int32),
+      np.zeros(n, bool),
       np.zeros(n, bool),
     )
 
@@ -584,8 +575,13 @@ def _score_shards(
   read_threads: int,
   prefetch_batches: int,
   progress: Progress,
+  results: dict[tuple[str, int], dict[str, np.ndarray]],
 ) -> dict[str, Any]:
-  """Scores the shards in `work` and writes their sidecars; returns counters."""
+  """Scores the shards in `work`, writes their sidecars and adds their values to `results`.
+
+  Returns:
+    Counters: batches, files, shards, examples, not_converged.
+  """
   counters = {'batches': 0, 'files': 0, 'shards': 0, 'examples': 0, 'not_converged': 0}
 
   def items() -> Iterator[tuple[str, Split, int, dict[str, np.ndarray]]]:
@@ -608,9 +604,8 @@ def _score_shards(
     for quantity in ('iterations', 'converged', 'margin'):
       sidecar.write_shard(buf.split, tags[quantity], buf.shard_id, values[quantity], root)
       counters['files'] += 1
-      _kill_hook('file', counters['files'])
     counters['shards'] += 1
-    _kill_hook('shard', counters['shards'])
+    results[(buf.key, buf.shard_id)] = values
 
   def collect() -> None:
     key, split, k, index, mask, out = pending.popleft()
@@ -621,7 +616,6 @@ def _score_shards(
     counters['examples'] += n
     counters['not_converged'] += int(np.sum(~host[2][mask]))
     progress.update(n, extra=f'not converged: {counters["not_converged"]}')
-    _kill_hook('batch', counters['batches'])
     if buf.complete:
       finish(buffers.pop((key, k)))
 
@@ -663,7 +657,9 @@ def _write_manifests(
     try:
       for split in named.values():
         for q, t in tags.items():
-          sidecar.write_manifest(split, t, expected[q], root=root, overwrite=recompute)
+          sidecar.write_manifest(
+            split, t, expected[q], dtype=DTYPES[q], root=root, overwrite=recompute
+          )
     except Exception as e:  # noqa: BLE001 (re-raised after telling the other processes)
       error = e
   _all_ok(error is None, 'writing the margin manifests')
@@ -674,9 +670,17 @@ def _write_manifests(
 
 def _plan(
   named: Mapping[str, Split], tags: Mapping[str, str], root: Any
-) -> tuple[list[tuple[str, Split, int]], dict[str, list[int]]]:
-  """This process's shards still to score (temporaries of killed writers removed) and skipped."""
-  work, skipped = [], {}
+) -> tuple[list[tuple[str, Split, int]], dict[str, list[int]], dict[tuple[str, int], Any]]:
+  """This process's shards still to score, and the complete ones (skipped) with their values.
+
+  A complete shard is read and checked against its checksums here, once; a
+  damaged one is scored again. Temporaries of killed writers are removed.
+
+  Returns:
+    (work, skipped, values): work as (key, split, shard id); skipped per key;
+    values[(key, shard id)] = {quantity: array} of the skipped shards.
+  """
+  work, skipped, values = [], {}, {}
   for key, split in named.items():
     missing = set()
     for t in tags.values():
@@ -684,13 +688,37 @@ def _plan(
     skipped[key] = []
     for k in _owned(split):
       if k not in missing:
-        skipped[key].append(k)
-        continue
-      if sidecar.sidecar_path(split, tags['margin'], k, root).exists():
+        try:
+          values[(key, k)] = {q: sidecar.load_shard(split, t, k, root) for q, t in tags.items()}
+          skipped[key].append(k)
+          continue
+        except sidecar.SidecarDamagedError as e:
+          logging.warning('%s shard %d: %s Recomputing it.', key, k, e)
+      elif sidecar.sidecar_path(split, tags['margin'], k, root).exists():
         logging.warning('%s shard %d: sidecars incomplete or corrupt; recomputing', key, k)
       _clean_temporaries(split, k, list(tags.values()), root)
       work.append((key, split, k))
-  return work, skipped
+  return work, skipped, values
+
+
+def _assemble(
+  named: Mapping[str, Split],
+  tags: Mapping[str, str],
+  root: Any,
+  local: Mapping[tuple[str, int], Mapping[str, np.ndarray]],
+) -> dict[str, dict[str, np.ndarray]]:
+  """Per split key, {quantity: [N] in global order}: this process's values, others' read back."""
+  arrays = {}
+  for key, split in named.items():
+    out = {q: np.empty(split.num_examples, DTYPES[q]) for q in tags}
+    for k, offset in enumerate(split.shard_offsets):
+      values = local.get((key, k))
+      if values is None:  # another process's shard
+        values = {q: sidecar.load_shard(split, t, k, root) for q, t in tags.items()}
+      for q in tags:
+        out[q][offset : offset + split.shard_lengths[k]] = values[q]
+    arrays[key] = out
+  return arrays
 
 
 def compute_margins(
@@ -758,7 +786,7 @@ def compute_margins(
     for q, t in tags.items():
       _check_existing(split, t, expected[q], sidecar_root, recompute, key)
   _write_manifests(named, tags, expected, sidecar_root, recompute)
-  work, skipped = _plan(named, tags, sidecar_root)
+  work, skipped, local = _plan(named, tags, sidecar_root)
   total = sum(s.shard_lengths[k] for s in named.values() for k in _owned(s))
   done_before = sum(named[key].shard_lengths[k] for key, ks in skipped.items() for k in ks)
   pi, pc = jax.process_index(), jax.process_count()
@@ -790,6 +818,7 @@ def compute_margins(
         read_threads=read_threads,
         prefetch_batches=prefetch_batches,
         progress=progress,
+        results=local,
       )
       compile_seconds, compilations = engine.compile_seconds, engine.compilations
   except Exception as e:  # noqa: BLE001 (re-raised after telling the other processes)
@@ -801,10 +830,7 @@ def compute_margins(
     raise error
   _barrier('puma_jax.margins.done')
 
-  arrays = {
-    key: {q: sidecar.load(split, t, expected[q], sidecar_root) for q, t in tags.items()}
-    for key, split in named.items()
-  }
+  arrays = _assemble(named, tags, sidecar_root, local)
   run = {
     'process_index': pi,
     'process_count': pc,
@@ -840,13 +866,13 @@ def compute_margins(
       {k: a['margin'] for k, a in arrays.items()},
       summary_dir,
       norm=settings.norm,
-      converged={k: a['converged'] > 0.5 for k, a in arrays.items()},
+      converged={k: a['converged'] for k, a in arrays.items()},
     )
   return MarginResult(
     settings=expected['margin'],
     margins={k: a['margin'] for k, a in arrays.items()},
-    iterations={k: a['iterations'].astype(np.int32) for k, a in arrays.items()},
-    converged={k: a['converged'] > 0.5 for k, a in arrays.items()},
+    iterations={k: a['iterations'] for k, a in arrays.items()},
+    converged={k: a['converged'] for k, a in arrays.items()},
     summary=summary,
     run=run,
   )
@@ -860,13 +886,18 @@ def load_margins(
   settings: DeepFoolSettings,
   tag: str = 'margins',
   sidecar_root: str | os.PathLike | None = None,
+  fingerprint: str | None = None,
 ) -> dict[str, np.ndarray]:
   """The stored margins of each split (f32[N], global order), checked against model and settings.
 
+  Give the margin model's `variables`, or (variables=None) its `fingerprint`
+  (`model_fingerprint`, e.g. as the margin stage recorded it), which saves
+  restoring and hashing the weights.
+
   Raises:
-    sidecar.SidecarError: missing, incomplete or differently computed margins.
+    sidecar.SidecarError: missing, incomplete, damaged or differently computed margins.
   """
-  expected = sidecar_settings(model, settings, variables=variables)
+  expected = sidecar_settings(model, settings, variables=variables, fingerprint=fingerprint)
   return {
     key: sidecar.load(split, tag, expected, sidecar_root)
     for key, split in _named_splits(splits).items()

@@ -17,6 +17,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from puma_jax import artifacts, datasets, margins, models, parallel, pruning, report, stages, train
+from puma_jax.datasets import sidecar
 
 STAGES = ('prepare', 'margin_model', 'margins', 'prune', 'train', 'evaluate', 'report')
 MARGIN_MODEL_SOURCES = ('train', 'checkpoint', 'torch_npz')
@@ -90,6 +91,7 @@ class Context:
     self.fingerprints: dict[str, str] = {}
     self._prepared: datasets.Prepared | None = None
     self._margin_model: tuple[Any, Any] | None = None
+    self.margins: dict[str, np.ndarray] | None = None  # computed by this run's margin stage
 
   @property
   def data_dir(self) -> Path:
@@ -211,6 +213,7 @@ def run_margins(ctx: Context) -> dict[str, Any]:
     read_threads=cfg.data.read_threads,
     prefetch_batches=cfg.data.prefetch_batches,
   )
+  ctx.margins = result.margins
   overall = result.summary['overall']
   return {
     'summary': str(ctx.stage_dir('margins') / 'summary.json'),
@@ -221,15 +224,36 @@ def run_margins(ctx: Context) -> dict[str, Any]:
 
 
 def _load_margins(ctx: Context) -> dict[str, np.ndarray]:
-  model, variables = margin_model(ctx)
+  """The margins the prune stage ranks: this run's, or the sidecars the margin stage recorded.
+
+  The margin stage's marker names the margin model's fingerprint; the sidecars
+  are checked against it (and the DeepFool settings), so the weights are not
+  restored again. Damaged sidecars are recomputed (an error naming the fix
+  where their folder is read-only).
+  """
+  if ctx.margins is not None:
+    return ctx.margins
+  marker = STAGE_DEFS['margins'].read_marker(ctx.workdir) or {}
+  fingerprint = marker.get('outputs', {}).get('model_fingerprint')
+  if fingerprint is None:
+    raise RuntimeError(
+      f'{ctx.stage_dir("margins") / stages.MARKER} does not name the margin model; '
+      f'delete {ctx.stage_dir("margins")} to recompute the margins.'
+    )
   prepared = ctx.prepared()
-  return margins.load_margins(
-    model,
-    variables,
-    prepared.train_splits,
-    settings=margins.settings_from_config(ctx.config.margins),
-    sidecar_root=prepared.sidecar_root,
-  )
+  try:
+    return margins.load_margins(
+      train.create_model(ctx.config.model),
+      None,
+      prepared.train_splits,
+      settings=margins.settings_from_config(ctx.config.margins),
+      sidecar_root=prepared.sidecar_root,
+      fingerprint=fingerprint,
+    )
+  except sidecar.SidecarDamagedError as e:
+    logging.warning('%s Recomputing the damaged margin shards.', e)
+    run_margins(ctx)  # scores only the shards whose sidecars fail their checksums
+    return ctx.margins
 
 
 def run_prune(ctx: Context) -> dict[str, Any]:

@@ -149,16 +149,25 @@ def test_resume_skips_complete_shards_and_redoes_corrupt_ones(tmp_path, splits):
   leftover.write_bytes(b'partial')
   with pytest.raises(sidecar.SidecarError, match=truncated.name):
     sidecar.load(split, 'margins', first.settings, tmp_path)
+  damaged = sidecar.sidecar_path(splits['real'], tags['converged'], 2, tmp_path)
+  data = bytearray(damaged.read_bytes())
+  data[-1] ^= 1  # complete and well-formed, but not what was written
+  damaged.write_bytes(bytes(data))
 
   again = margins.compute_margins(
     model, variables, splits, settings=SETTINGS, batch_size=8, sidecar_root=tmp_path
   )
-  assert again.run['shards_computed'] == {'real': [], 'generated': [1, 3]}
-  assert again.run['shards_skipped'] == {'real': [0, 1, 2], 'generated': [0, 2]}
+  assert again.run['shards_computed'] == {'real': [2], 'generated': [1, 3]}
+  assert again.run['shards_skipped'] == {'real': [0, 1], 'generated': [0, 2]}
   assert not leftover.exists()
   for key in splits:  # bitwise identical to the uninterrupted run
     np.testing.assert_array_equal(again.margins[key], first.margins[key])
     np.testing.assert_array_equal(again.iterations[key], first.iterations[key])
+    np.testing.assert_array_equal(again.converged[key], first.converged[key])
+    for q, t in tags.items():  # natural dtypes, and the sidecars hold what was returned
+      stored = sidecar.load(splits[key], t, root=tmp_path)
+      assert stored.dtype == margins.DTYPES[q]
+      np.testing.assert_array_equal(stored, getattr(again, {'margin': 'margins'}.get(q, q))[key])
 
   third = margins.compute_margins(
     model, variables, splits, settings=SETTINGS, batch_size=8, sidecar_root=tmp_path
@@ -185,7 +194,7 @@ def test_mismatching_manifest_is_refused_unless_recompute(tmp_path, splits):
 
   other = margins.DeepFoolSettings(norm='linf', num_candidates=4, max_iter=3)
   with pytest.raises(
-    sidecar.SidecarError, match=r'(?s)deepfool\.max_iter: 20 vs 3.*recompute=True'
+    sidecar.SidecarError, match=r'(?s)deepfool\.max_iter: 20 -> 3.*recompute=True'
   ):
     margins.compute_margins(model, variables, only, settings=other, **kw)
   _, other_variables = tiny_model(seed=4)

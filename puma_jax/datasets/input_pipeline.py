@@ -102,12 +102,6 @@ def _source_seed(seed: int, source_id: int, purpose: int) -> int:
   return int(np.random.SeedSequence([seed, source_id, purpose]).generate_state(1)[0])
 
 
-def _array_digest(a: np.ndarray | None) -> str | None:
-  if a is None:
-    return None
-  return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:16]
-
-
 def read_examples(split: Split, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Decodes examples `ids` of `split`: images u8[n,H,W,C], labels i32[n]."""
   if len(ids) == 0:
@@ -248,8 +242,7 @@ class TrainIterator(grain.DatasetIterator):
         name: {
           'split': f'{v.split.name}:{v.split.split}',
           'num_examples': v.split.num_examples,
-          'indices': _array_digest(v.indices),
-          'eps': _array_digest(v.eps),
+          'kept': v.size,
         }
         for name, v in sorted(self.views.items())
         if name in self.counts
@@ -321,8 +314,8 @@ class TrainIterator(grain.DatasetIterator):
       raise DataError(
         f'the saved data-iterator state was made by a different input pipeline '
         f'(fingerprint {state.get("fingerprint")} vs {self.fingerprint}: batch size, mixing, '
-        'seed, eps, augmentation or kept examples changed); resume with the same settings or '
-        'start a new workdir.'
+        'seed, eps, augmentation or the number of kept examples changed); resume with the same '
+        'settings or start a new workdir.'
       )
     self._close_inner()
     self.step = int(state['step'])
