@@ -180,7 +180,7 @@ def score_size(
       split,
       settings=deepfool,
       batch_size=config.margins.batch_size,
-      slots=config.margins.slots,
+      deepfool_batch_size=config.margins.deepfool_batch_size,
       summary_dir=out_dir,
       read_threads=config.data.read_threads,
       prefetch_batches=config.data.prefetch_batches,

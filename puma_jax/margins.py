@@ -281,13 +281,13 @@ def _check_batch_size(batch_size: int, num_devices: int) -> None:
     )
 
 
-def _check_slots(slots: int) -> int:
-  if int(slots) != slots or slots < 0:
+def _check_deepfool_batch_size(deepfool_batch_size: int) -> int:
+  if int(deepfool_batch_size) != deepfool_batch_size or deepfool_batch_size < 0:
     raise ValueError(
-      f'margins.slots={slots}: need an integer >= 0 (DeepFool slots per device; '
-      '0 runs the whole per-device batch at once)'
+      f'margins.deepfool_batch_size={deepfool_batch_size}: need an integer >= 0 (the '
+      'examples DeepFool iterates at once per device; 0 runs the whole per-device batch)'
     )
-  return int(slots)
+  return int(deepfool_batch_size)
 
 
 def _check_model(model: nn.Module, variables: Any, splits: Mapping[str, Split]) -> None:
@@ -447,12 +447,15 @@ class _ShardBuffer:
 
 
 def _margin_program(
-  model: nn.Module, settings: DeepFoolSettings, mesh: jax.sharding.Mesh, slots: int = 0
+  model: nn.Module,
+  settings: DeepFoolSettings,
+  mesh: jax.sharding.Mesh,
+  deepfool_batch_size: int = 0,
 ):
   """jit(shard_map(DeepFool)): (x f32[B,...], y i32[B], variables) -> (margin, iterations, converged).
 
-  `slots` > 0 runs each device's examples through that many DeepFool slots (see
-  `attacks.deepfool`'s `batch_size`): a finished example frees its slot for the
+  `deepfool_batch_size` > 0 runs each device's examples through that many DeepFool
+  slots (`attacks.deepfool`'s `batch_size`): a finished example frees its slot for the
   next, so the loop does not wait for the batch's slowest example.
   """
 
@@ -467,7 +470,7 @@ def _margin_program(
       overshoot=settings.overshoot,
       max_iter=settings.max_iter,
       clip=settings.clip,
-      batch_size=min(slots, per) if slots else None,
+      batch_size=min(deepfool_batch_size, per) if deepfool_batch_size else None,
     )
     return res.margin, res.iterations, res.converged
 
@@ -482,7 +485,7 @@ def _compile(
   batch_size: int,
   image_shape: tuple[int, ...],
   variables_struct: tuple[Any, tuple[tuple[tuple[int, ...], str], ...]],
-  slots: int = 0,
+  deepfool_batch_size: int = 0,
 ) -> tuple[Any, float]:
   """The compiled margin program for one batch shape (cached across calls), and its compile time."""
   start = time.perf_counter()
@@ -494,7 +497,9 @@ def _compile(
   )
   x = jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.float32, sharding=sharding)
   y = jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sharding)
-  compiled = _margin_program(model, settings, mesh, slots).lower(x, y, variables).compile()
+  compiled = (
+    _margin_program(model, settings, mesh, deepfool_batch_size).lower(x, y, variables).compile()
+  )
   return compiled, time.perf_counter() - start
 
 
@@ -516,10 +521,14 @@ class MarginEngine:
     settings: DeepFoolSettings,
     mesh: jax.sharding.Mesh,
     batch_size: int,
-    slots: int = 0,
+    deepfool_batch_size: int = 0,
   ):
     self.model, self.settings = model, settings
-    self.mesh, self.batch_size, self.slots = mesh, batch_size, _check_slots(slots)
+    self.mesh, self.batch_size, self.deepfool_batch_size = (
+      mesh,
+      batch_size,
+      _check_deepfool_batch_size(deepfool_batch_size),
+    )
     self.sharding = parallel.data_sharding(mesh)
     host = jax.tree.map(artifacts.to_host, variables)
     self.variables = parallel.replicate(host, mesh)
@@ -539,7 +548,7 @@ class MarginEngine:
         self.batch_size,
         image_shape,
         self._struct,
-        self.slots,
+        self.deepfool_batch_size,
       )
       if _compile.cache_info().misses > misses:
         self.compilations += 1
@@ -728,7 +737,7 @@ def compute_margins(
   *,
   settings: DeepFoolSettings,
   batch_size: int,
-  slots: int = 0,
+  deepfool_batch_size: int = 0,
   mesh: jax.sharding.Mesh | None = None,
   tag: str = 'margins',
   sidecar_root: str | os.PathLike | None = None,
@@ -750,8 +759,8 @@ def compute_margins(
       'generated': ...}); a sequence is keyed by source name ('real', 'generated').
     settings: DeepFool settings (`settings_from_config(config.margins)`).
     batch_size: examples per batch on this process (a multiple of its local devices).
-    slots: DeepFool slots per device (0: the device's whole share of the batch at
-      once); finished examples free their slot for the next, so a batch does not
+    deepfool_batch_size: DeepFool's `batch_size` per device: examples iterated at once
+      (0: the device's whole share of the batch); finished examples free their slot for the next, so a batch does not
       wait for its slowest example. A speed setting: margins do not depend on it
       beyond float rounding, and it is not recorded in the manifest.
     mesh: a 1-D ('data',) mesh of this process's devices (default: all local devices).
@@ -774,7 +783,7 @@ def compute_margins(
   named = _named_splits(splits)
   mesh = _local_mesh(mesh)
   _check_batch_size(batch_size, parallel.num_shards(mesh))
-  _check_slots(slots)
+  _check_deepfool_batch_size(deepfool_batch_size)
   _check_model(model, variables, named)
   start = time.perf_counter()
   fingerprint = model_fingerprint(variables)
@@ -809,7 +818,7 @@ def compute_margins(
   error = None
   try:
     if work:
-      engine = MarginEngine(model, variables, settings, mesh, batch_size, slots)
+      engine = MarginEngine(model, variables, settings, mesh, batch_size, deepfool_batch_size)
       counters = _score_shards(
         engine,
         work,
@@ -1033,7 +1042,7 @@ def estimate_margin_cost(
   *,
   settings: DeepFoolSettings,
   batch_size: int,
-  slots: int = 0,
+  deepfool_batch_size: int = 0,
   splits: Mapping[str, Split] | Sequence[Split] | Split | None = None,
   image_shape: tuple[int, int, int] | None = None,
   num_examples: int | None = None,
@@ -1052,7 +1061,7 @@ def estimate_margin_cost(
   One warm-up batch is run first; compilation is timed separately.
 
   Args:
-    model, variables, settings, batch_size, slots, mesh: as for `compute_margins`.
+    model, variables, settings, batch_size, deepfool_batch_size, mesh: as for `compute_margins`.
     splits: probe data; also the default N (their total number of examples).
     image_shape: (H, W, C) for random probe images when no splits are given.
     num_examples: N (default: the splits' total).
@@ -1080,13 +1089,13 @@ def estimate_margin_cost(
     raise ValueError(f'estimate: probe_batches={probe_batches} must be >= 1')
   mesh = _local_mesh(mesh)
   _check_batch_size(batch_size, parallel.num_shards(mesh))
-  _check_slots(slots)
+  _check_deepfool_batch_size(deepfool_batch_size)
   if named is not None:
     _check_model(model, variables, named)
   batches, kind = _probe_batches(
     named, image_shape, batch_size, probe_batches + 1, model, variables, seed
   )
-  engine = MarginEngine(model, variables, settings, mesh, batch_size, slots)
+  engine = MarginEngine(model, variables, settings, mesh, batch_size, deepfool_batch_size)
   jax.block_until_ready(engine.dispatch(*batches[0]))  # compile (if not cached) and warm up
   device_batches = [
     (jax.device_put(x, engine.sharding), jax.device_put(y, engine.sharding)) for x, y in batches[1:]
@@ -1128,7 +1137,7 @@ def estimate_from_config(
     variables,
     settings=settings_from_config(margins_config),
     batch_size=margins_config.batch_size,
-    slots=margins_config.get('slots', 0),
+    deepfool_batch_size=margins_config.deepfool_batch_size,
     splits=splits,
     image_shape=image_shape,
     num_examples=est.num_examples or None,

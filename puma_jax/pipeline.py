@@ -206,7 +206,7 @@ def run_margins(ctx: Context) -> dict[str, Any]:
     prepared.train_splits,
     settings=margins.settings_from_config(cfg.margins),
     batch_size=cfg.margins.batch_size,
-    slots=cfg.margins.slots,
+    deepfool_batch_size=cfg.margins.deepfool_batch_size,
     sidecar_root=prepared.sidecar_root,
     recompute=cfg.margins.recompute,
     summary_dir=ctx.stage_dir('margins'),

@@ -118,19 +118,31 @@ def test_partial_batches_give_one_margin_per_example(tmp_path, data_dir):
   assert len(np.unique(res.margins['real'])) >= 20  # the reference is not degenerate
 
 
-def test_slots_give_the_margins_of_the_whole_batch(tmp_path, data_dir):
+def test_deepfool_batch_size_gives_the_margins_of_the_whole_batch(tmp_path, data_dir):
   split = testing.make_split(data_dir, num_examples=25, num_shards=2, name='odd_25')
   model, variables = tiny_model(seed=1)
   res = margins.compute_margins(
-    model, variables, [split], settings=SETTINGS, batch_size=8, slots=1, sidecar_root=tmp_path
+    model,
+    variables,
+    [split],
+    settings=SETTINGS,
+    batch_size=8,
+    deepfool_batch_size=1,
+    sidecar_root=tmp_path,
   )
   ref = _direct(model, variables, split, SETTINGS)
   np.testing.assert_allclose(res.margins['real'], ref.margin, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(res.iterations['real'], ref.iterations)
   assert len(np.unique(ref.iterations)) > 1  # examples leave their slots at different times
-  with pytest.raises(ValueError, match='margins.slots'):
+  with pytest.raises(ValueError, match='margins.deepfool_batch_size'):
     margins.compute_margins(
-      model, variables, [split], settings=SETTINGS, batch_size=8, slots=-1, sidecar_root=tmp_path
+      model,
+      variables,
+      [split],
+      settings=SETTINGS,
+      batch_size=8,
+      deepfool_batch_size=-1,
+      sidecar_root=tmp_path,
     )
 
 
