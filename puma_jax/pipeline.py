@@ -14,9 +14,19 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
-from puma_jax import artifacts, datasets, margins, models, parallel, pruning, report, stages, train
+from puma_jax import (
+  artifacts,
+  datasets,
+  margins,
+  models,
+  multihost,
+  parallel,
+  pruning,
+  report,
+  stages,
+  train,
+)
 from puma_jax.datasets import sidecar
 
 STAGES = ('prepare', 'margin_model', 'margins', 'prune', 'train', 'evaluate', 'report')
@@ -103,7 +113,7 @@ class Context:
       if build and jax.process_count() > 1:
         if jax.process_index() == 0:
           self._prepared = datasets.prepare(self.config.data, self.data_dir, build=True)
-        multihost_utils.sync_global_devices('puma_jax.prepare')
+        multihost.barrier('puma_jax.prepare')
       if self._prepared is None:
         self._prepared = datasets.prepare(self.config.data, self.data_dir, build=build)
     return self._prepared
@@ -271,7 +281,7 @@ def run_prune(ctx: Context) -> dict[str, Any]:
   )
   if jax.process_index() == 0:
     result.save(ctx.stage_dir('prune'))
-  _barrier('puma_jax.prune')
+  multihost.barrier('puma_jax.prune')
   return {name: int(len(idx)) for name, idx in result.kept.items()}
 
 
@@ -327,7 +337,7 @@ def run_report(ctx: Context) -> dict[str, Any]:
     paths = report.write_report(ctx.config, ctx.workdir)
   else:
     paths = {}
-  _barrier('puma_jax.report')
+  multihost.barrier('puma_jax.report')
   return {k: str(v) for k, v in paths.items()}
 
 
@@ -340,11 +350,6 @@ RUNNERS: dict[str, Callable[[Context], dict[str, Any]]] = {
   'evaluate': run_evaluate,
   'report': run_report,
 }
-
-
-def _barrier(name: str) -> None:
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
 
 
 def _skipped(config: Any, name: str) -> bool:
@@ -393,7 +398,7 @@ def run(config: Any, workdir: str | Path, *, stage: str = 'all', dry_run: bool =
     outputs = RUNNERS[name](ctx)
     if dry_run:
       return
-    _barrier(f'puma_jax.stage.{name}')
+    multihost.barrier(f'puma_jax.stage.{name}')
     if jax.process_index() == 0:
       ctx.fingerprints[name] = defn.mark_complete(workdir, config, upstream, outputs)
     else:

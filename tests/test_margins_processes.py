@@ -51,7 +51,7 @@ if args.get('kill'):  # SIGKILL this process after its n-th 'batch', sidecar 'fi
     if what == event and counts[what] == int(n):
       os.kill(os.getpid(), signal.SIGKILL)
 
-  write_shard, add = sidecar.write_shard, margins._ShardBuffer.add
+  write_shard, add = sidecar.write_shard, margins.store.ShardBuffer.add
 
   def counted_write(split, tag, shard_id, values, root=None):
     out = write_shard(split, tag, shard_id, values, root)
@@ -65,7 +65,7 @@ if args.get('kill'):  # SIGKILL this process after its n-th 'batch', sidecar 'fi
     count('batch')
     return out
 
-  sidecar.write_shard, margins._ShardBuffer.add = counted_write, counted_add
+  sidecar.write_shard, margins.store.ShardBuffer.add = counted_write, counted_add
 
 splits = {
   key: open_split(path, 'train', source_id=sid, data_dir=args['data_dir'])
