@@ -21,6 +21,7 @@ evaluation result:
 Nothing here knows JAX devices, Orbax, grain or TFDS.
 """
 
+import concurrent.futures
 import contextlib
 import hashlib
 import json
@@ -185,26 +186,28 @@ def tree_fingerprint(tree: Any, *, domain: str = 'puma_jax.model_fingerprint.v1'
 def tree_checksums(tree: Any) -> dict[str, str | None]:
   """A content checksum per leaf: key path -> sha256 hex over dtype, shape and bytes.
 
-  Leaves that this process cannot read whole (JAX arrays sharded across
-  processes) get None: they are not verified. Compare two results with `==`;
-  `damaged_leaves` names the leaves that differ.
+  Leaves are hashed in parallel threads (hashlib releases the GIL). Leaves that
+  this process cannot read whole (JAX arrays sharded across processes) get
+  None: they are not verified. `damaged_leaves` names the leaves that differ.
   """
   import jax  # noqa: PLC0415 (only this function needs pytrees)
 
-  out: dict[str, str | None] = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+  def checksum(item: tuple[Any, Any]) -> tuple[str, str | None]:
+    path, leaf = item
     name = jax.tree_util.keystr(path)
     try:
       arr = to_host(leaf, name)
     except ValueError:
-      out[name] = None
-      continue
+      return name, None
     if arr.dtype.byteorder == '>':
       arr = arr.astype(arr.dtype.newbyteorder('<'))
     h = hashlib.sha256(f'{arr.dtype.name}{list(arr.shape)}'.encode())
     h.update(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
-    out[name] = h.hexdigest()
-  return out
+    return name, h.hexdigest()
+
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+    return dict(pool.map(checksum, leaves))
 
 
 def damaged_leaves(

@@ -69,3 +69,13 @@ def test_load_config_merges_over_the_schema_and_lists_unknown_fields(tmp_path):
   assert config.train.steps == 10 and ignored == ['old']
   with pytest.raises(FileNotFoundError, match='config.json'):
     artifacts.load_config(tmp_path / 'nowhere', base)
+
+
+def test_tree_checksums_name_the_damaged_leaves():
+  tree = {'a': np.arange(4, dtype=np.float32), 'b': {'c': np.ones((2, 2), np.int32)}}
+  recorded = artifacts.tree_checksums(tree)
+  assert set(recorded) == {"['a']", "['b']['c']"}
+  assert artifacts.damaged_leaves(recorded, artifacts.tree_checksums(tree)) == []
+  tree['b']['c'][0, 1] = 7
+  assert artifacts.damaged_leaves(recorded, artifacts.tree_checksums(tree)) == ["['b']['c']"]
+  assert artifacts.damaged_leaves({**recorded, "['a']": None}, recorded) == []  # unverified
