@@ -198,7 +198,7 @@ def run_margin_model(ctx: Context) -> dict[str, Any]:
   else:
     result = {}
   _, variables = margin_model(ctx)
-  return {'model_fingerprint': margins.model_fingerprint(variables), 'eval': result}
+  return {'model_fingerprint': artifacts.tree_fingerprint(variables), 'eval': result}
 
 
 def run_margins(ctx: Context) -> dict[str, Any]:
@@ -317,7 +317,7 @@ def run_evaluate(ctx: Context) -> dict[str, Any]:
     mesh=ctx.mesh,
     model_name=cfg.model.name,
     num_generated=_num_generated_used(ctx),
-    model_fingerprint=margins.model_fingerprint(variables),
+    model_fingerprint=artifacts.tree_fingerprint(variables),
   )
   if jax.process_index() == 0:
     artifacts.write_json(ctx.stage_dir('evaluate') / 'report.json', rep)

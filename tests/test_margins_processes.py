@@ -53,8 +53,8 @@ if args.get('kill'):  # SIGKILL this process after its n-th 'batch', sidecar 'fi
 
   write_shard, add = sidecar.write_shard, margins.store.ShardBuffer.add
 
-  def counted_write(split, tag, shard_id, values, root=None):
-    out = write_shard(split, tag, shard_id, values, root)
+  def counted_write(split, tag, *a, **kw):
+    out = write_shard(split, tag, *a, **kw)
     count('file')
     if tag == 'margins':  # a shard's margin is written last
       count('shard')

@@ -73,7 +73,7 @@ def test_prune_reads_the_recorded_margins_without_restoring_the_margin_model(
     raise AssertionError('the margin model was restored or hashed again')
 
   monkeypatch.setattr(train, 'restore_ema_variables', must_not_run)
-  monkeypatch.setattr(margins, 'model_fingerprint', must_not_run)
+  monkeypatch.setattr(artifacts, 'tree_fingerprint', must_not_run)
   pipeline.run(config, workdir, stage='prune')
   assert (workdir / 'prune' / 'kept.npz').read_bytes() == (done / 'prune' / 'kept.npz').read_bytes()
 

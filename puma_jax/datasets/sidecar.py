@@ -239,10 +239,13 @@ def write_shard(
   shard_id: int,
   values: np.ndarray,
   root: str | os.PathLike | None = None,
+  *,
+  dtype: Any = None,
 ) -> Path:
   """Atomically writes the values of one shard ([shard length], in shard order), then its checksum.
 
-  The values are stored in the manifest's dtype (write the manifest first).
+  The values are stored in the manifest's dtype (write the manifest first), or
+  in `dtype` when the caller knows it (this saves reading the manifest per shard).
 
   Raises:
     SidecarError: no manifest, or the folder cannot be written (e.g. a read-only
@@ -256,7 +259,7 @@ def write_shard(
       f'{split.name}:{split.split} shard {shard_id} has {n} examples; got values of shape '
       f'{values.shape}'
     )
-  dtype = np.dtype(read_manifest(split, tag, root)['dtype'])
+  dtype = np.dtype(read_manifest(split, tag, root)['dtype'] if dtype is None else dtype)
   if not np.can_cast(values.dtype, dtype, 'same_kind'):
     raise ValueError(f'{tag} sidecars hold {dtype}; got values of dtype {values.dtype}')
   path = sidecar_path(split, tag, shard_id, root)
@@ -322,17 +325,23 @@ def is_complete(
 
 
 def load_shard(
-  split: Split, tag: str, shard_id: int, root: str | os.PathLike | None = None
+  split: Split,
+  tag: str,
+  shard_id: int,
+  root: str | os.PathLike | None = None,
+  *,
+  dtype: Any = None,
 ) -> np.ndarray:
   """The values of one shard ([shard length], the manifest's dtype), checked against its checksum.
 
-  Checks the sidecar's header and size, not the manifest (see `load`).
+  Checks the sidecar's header and size, not the manifest (see `load`); give the
+  manifest's `dtype` when known, to save reading the manifest per shard.
 
   Raises:
     SidecarError: missing, truncated or wrong-length sidecar or checksum file.
     SidecarDamagedError: content that differs from its checksum (naming the file).
   """
-  dtype = np.dtype(read_manifest(split, tag, root)['dtype'])
+  dtype = np.dtype(read_manifest(split, tag, root)['dtype'] if dtype is None else dtype)
   path = sidecar_path(split, tag, shard_id, root)
   _check_sidecar(split, shard_id, path, dtype)
   try:
@@ -367,7 +376,9 @@ def load(
   check_manifest(manifest, split, expected_settings, path=mpath)
   out = np.empty(split.num_examples, np.dtype(manifest['dtype']))
   for k, offset in enumerate(split.shard_offsets):
-    out[offset : offset + split.shard_lengths[k]] = load_shard(split, tag, k, root)
+    out[offset : offset + split.shard_lengths[k]] = load_shard(
+      split, tag, k, root, dtype=manifest['dtype']
+    )
   return out
 
 

@@ -21,6 +21,7 @@ from puma_jax.datasets.splits import Split
 from puma_jax.margins import engine, store
 from puma_jax.margins import settings as settings_mod
 from puma_jax.margins.settings import (
+  DTYPES,
   QUANTITIES,
   DeepFoolSettings,
   sidecar_settings,
@@ -74,7 +75,9 @@ def _score_shards(
     values = {'margin': buf.margin, 'iterations': buf.iterations, 'converged': buf.converged}
     # The margin goes last: a shard counts as complete only when all three are there.
     for quantity in ('iterations', 'converged', 'margin'):
-      sidecar.write_shard(buf.split, tags[quantity], buf.shard_id, values[quantity], root)
+      sidecar.write_shard(
+        buf.split, tags[quantity], buf.shard_id, values[quantity], root, dtype=DTYPES[quantity]
+      )
       counters['files'] += 1
     counters['shards'] += 1
     results[(buf.key, buf.shard_id)] = values

@@ -178,7 +178,9 @@ def plan(
     for k in owned(split):
       if k not in missing:
         try:
-          values[(key, k)] = {q: sidecar.load_shard(split, t, k, root) for q, t in tags.items()}
+          values[(key, k)] = {
+            q: sidecar.load_shard(split, t, k, root, dtype=DTYPES[q]) for q, t in tags.items()
+          }
           skipped[key].append(k)
           continue
         except sidecar.SidecarDamagedError as e:
@@ -203,7 +205,9 @@ def assemble(
     for k, offset in enumerate(split.shard_offsets):
       values = local.get((key, k))
       if values is None:  # another process's shard
-        values = {q: sidecar.load_shard(split, t, k, root) for q, t in tags.items()}
+        values = {
+          q: sidecar.load_shard(split, t, k, root, dtype=DTYPES[q]) for q, t in tags.items()
+        }
       for q in tags:
         out[q][offset : offset + split.shard_lengths[k]] = values[q]
     arrays[key] = out
