@@ -94,8 +94,12 @@ def test_a_damaged_margin_sidecar_is_recomputed_or_named(default_run, tmp_path, 
   data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)  # zeroed bytes in the values
   path.write_bytes(bytes(data))
 
-  def read_only(*args, **kwargs):
-    raise PermissionError(30, 'Read-only file system')
+  write_bytes, data_folder = artifacts.write_bytes, path.parent
+
+  def read_only(target, data):  # the data folder is read-only (the workdir is not)
+    if target.parent == data_folder:
+      raise PermissionError(30, 'Read-only file system')
+    return write_bytes(target, data)
 
   with monkeypatch.context() as m:
     m.setattr(artifacts, 'write_bytes', read_only)
