@@ -94,7 +94,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.margins.norm = c.attack.norm
   c.margins.num_candidates = 10
   c.margins.batch_size = 1024
-  c.margins.slots = 0  # Accelerators: each device's whole share of a batch at once.
+  c.margins.deepfool_batch_size = 0  # Accelerators: each device's whole share of a batch at once.
 
   if 'puma' in variants:
     c.prune.strategy = 'puma'

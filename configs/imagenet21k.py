@@ -59,7 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.margins.num_candidates = 10  # Top-10 classes of the initial logits, whatever K is.
   c.margins.max_iter = 50
   c.margins.batch_size = 512
-  c.margins.slots = 0  # Accelerators: each device's whole share of a batch at once.
+  c.margins.deepfool_batch_size = 0  # Accelerators: each device's whole share of a batch at once.
 
   c.margin_model.source = 'train'
   c.margin_model.num_steps = 5_000

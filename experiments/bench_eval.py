@@ -58,7 +58,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from puma_jax import config_base, datasets, margins, parallel, stages, train
+from puma_jax import artifacts, datasets, margins, parallel, train
 from puma_jax.attacks import autoattack
 from puma_jax.datasets import input_pipeline
 from puma_jax.models import small_cnn
@@ -163,29 +163,13 @@ def pin_cpus(threads: int) -> list[int]:
 
 def load_config(workdir: Path) -> Any:
   """The config a workdir was made with: `config.json` over the current schema."""
-  path = workdir / 'config.json'
-  if not path.exists():
-    raise SystemExit(
-      f'--workdir {workdir} has no config.json; give the workdir of a pipeline run '
-      '(python -m puma_jax.main --config=configs/default.py --workdir=...)'
-    )
-  config = config_base.get_base_config()
-  ignored = _merge(config, json.loads(path.read_text()), '')
+  try:
+    config, ignored = artifacts.load_config(workdir)
+  except FileNotFoundError as e:
+    raise SystemExit(f'--workdir {workdir}: {e}') from e
   if ignored:
-    log(f'{path}: fields not in the current schema, ignored: {ignored}')
+    log(f'{workdir / artifacts.CONFIG_FILE}: fields not in the current schema, ignored: {ignored}')
   return config
-
-
-def _merge(config: Any, saved: dict[str, Any], prefix: str) -> list[str]:
-  ignored = []
-  for key, value in saved.items():
-    if key not in config:
-      ignored.append(prefix + key)
-    elif isinstance(value, dict):
-      ignored += _merge(config[key], value, f'{prefix}{key}.')
-    else:
-      config[key] = type(config[key])(value) if isinstance(config[key], float) else value
-  return ignored
 
 
 def load_test_examples(config: Any, workdir: Path, n: int) -> tuple[np.ndarray, np.ndarray, Any]:
@@ -273,7 +257,7 @@ def save_npz(path: Path, **arrays: np.ndarray) -> None:
   """np.savez through a temp file and a rename."""
   buf = io.BytesIO()
   np.savez(buf, **arrays)
-  stages.atomic_write_bytes(path, buf.getvalue())
+  artifacts.write_bytes(path, buf.getvalue())
 
 
 # ---------------------------------------------------------------------------- JAX
@@ -638,7 +622,7 @@ def write_exchange(exchange: Path, model: Any, variables: Any, image_shape, x, y
   """The peer's inputs: model.json, model.npz (state_dict), inputs.npz (NCHW, labels, logits)."""
   arch = small_cnn_architecture(model, image_shape)
   save_npz(exchange / 'model.npz', **to_torch_state_dict(variables, arch))
-  stages.atomic_write_json(exchange / 'model.json', arch)
+  artifacts.write_json(exchange / 'model.json', arch)
   x_nchw = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
   save_npz(exchange / 'inputs.npz', x_nchw=x_nchw, y=y.astype(np.int64), jax_logits=logits)
 
@@ -781,8 +765,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       flags[f'{row["side"]}_{row["budget"]}'] = final
   if out_dir is not None:
     save_npz(out_dir / 'flags.npz', **flags)
-    stages.atomic_write_json(out_dir / 'bench_eval.json', report)
-    stages.atomic_write_text(out_dir / 'bench_eval.md', text + '\n')
+    artifacts.write_json(out_dir / 'bench_eval.json', report)
+    artifacts.write_text(out_dir / 'bench_eval.md', text + '\n')
     log(f'wrote bench_eval.json, bench_eval.md and flags.npz to {out_dir}')
   return report
 

@@ -46,7 +46,12 @@ def parse_args() -> argparse.Namespace:
     '--sources', default='generated', help='splits the stage scores: generated, real or both'
   )
   ap.add_argument('--batch_size', type=int, default=128)
-  ap.add_argument('--slots', type=int, default=0, help='DeepFool slots per device (0: whole batch)')
+  ap.add_argument(
+    '--deepfool_batch_size',
+    type=int,
+    default=0,
+    help="DeepFool's batch_size per device (0: whole batch)",
+  )
   ap.add_argument('--norm', default='linf', choices=['linf', 'l2'])
   ap.add_argument('--num_candidates', type=int, default=10)
   ap.add_argument('--max_iter', type=int, default=50)
@@ -141,9 +146,8 @@ def shard_batches_in_memory(splits, batch_size):
 
 def time_raw(engine, device_batches) -> tuple[float, float]:
   """Seconds and CPU seconds for DeepFool on batches already on the devices."""
-  fn = engine.compiled(tuple(device_batches[0][0].shape[1:]))
   c0, t0 = cpu_seconds(), time.perf_counter()
-  outs = [fn(x, y, engine.variables) for x, y in device_batches]
+  outs = [engine(x, y) for x, y in device_batches]
   jax.block_until_ready(outs)
   return time.perf_counter() - t0, cpu_seconds() - c0
 
@@ -156,7 +160,7 @@ def time_stage(model, variables, splits, settings, root) -> tuple[float, float, 
     splits,
     settings=settings,
     batch_size=ARGS.batch_size,
-    slots=ARGS.slots,
+    deepfool_batch_size=ARGS.deepfool_batch_size,
     sidecar_root=root,
     summary_dir=Path(root) / 'summary',
     progress_every_s=1e9,
@@ -166,7 +170,9 @@ def time_stage(model, variables, splits, settings, root) -> tuple[float, float, 
 
 def bench_stage(model, variables, splits, settings, tmp) -> dict:
   mesh = parallel.make_mesh(jax.local_devices())
-  engine = margins.MarginEngine(model, variables, settings, mesh, ARGS.batch_size, ARGS.slots)
+  engine = margins.MarginEngine(
+    model, variables, settings, mesh, ARGS.batch_size, ARGS.deepfool_batch_size
+  )
   batches = shard_batches_in_memory(splits, ARGS.batch_size)
   n = sum(m for _, _, m in batches)
   device_batches = [
@@ -202,7 +208,7 @@ def bench_stage(model, variables, splits, settings, tmp) -> dict:
     'examples': n,
     'batches': len(batches),
     'batch_size': ARGS.batch_size,
-    'slots': ARGS.slots,
+    'deepfool_batch_size': ARGS.deepfool_batch_size,
     'devices': parallel.num_shards(mesh),
     'device_kind': mesh.devices.flat[0].device_kind,
     'mean_iterations': float(iterations.mean()),
@@ -232,7 +238,9 @@ def bench_classes(splits, settings) -> list[dict]:
   for k in counts:
     model = models.create('small_cnn', num_classes=k)
     variables = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 28, 28, 1)))
-    engine = margins.MarginEngine(model, variables, settings, mesh, ARGS.batch_size, ARGS.slots)
+    engine = margins.MarginEngine(
+      model, variables, settings, mesh, ARGS.batch_size, ARGS.deepfool_batch_size
+    )
     outs = [engine.dispatch(x, y) for x, y, _ in batches]  # compiles, and gives the iterations
     its = [np.asarray(o[1]).reshape(n_dev, -1) for o in outs]
     # While-loop trips per batch: the slowest device's slice decides (max iterations + 1).

@@ -152,7 +152,7 @@ def score_size(
   settings: Settings, n: int, model: Any, variables: Any, fingerprint: str
 ) -> tuple[dict[str, Any], np.ndarray]:
   """The margin stage on the set of size n (or its saved result); returns (row, margins f32[n])."""
-  from puma_jax import datasets, margins, stages  # noqa: PLC0415
+  from puma_jax import artifacts, datasets, margins  # noqa: PLC0415
   from puma_jax.datasets import sidecar  # noqa: PLC0415
 
   config = size_config(settings, n)
@@ -160,9 +160,9 @@ def score_size(
   split = {'generated': prepared.generated}
   deepfool = margins.settings_from_config(config.margins)
   out_dir = size_dir(settings, n)
-  saved = stages.read_json(out_dir / RESULT) if (out_dir / RESULT).exists() else None
+  saved = artifacts.read_json(out_dir / RESULT) if (out_dir / RESULT).exists() else None
   expected = {'model_fingerprint': fingerprint, 'deepfool': deepfool.as_dict(), 'size': n}
-  if saved is not None and saved['settings'] == stages.canonical(expected):
+  if saved is not None and saved['settings'] == artifacts.canonical(expected):
     logging.info('margin scaling: size %d done before, loading its margins', n)
     values = margins.load_margins(model, variables, split, settings=deepfool)['generated']
     return {k: saved['row'][k] for k in saved['columns']}, values
@@ -180,7 +180,7 @@ def score_size(
       split,
       settings=deepfool,
       batch_size=config.margins.batch_size,
-      slots=config.margins.slots,
+      deepfool_batch_size=config.margins.deepfool_batch_size,
       summary_dir=out_dir,
       read_threads=config.data.read_threads,
       prefetch_batches=config.data.prefetch_batches,
@@ -217,9 +217,7 @@ def score_size(
     'batch_size': run['batch_size'],
   }
   # The JSON file sorts keys; 'columns' keeps the table's column order.
-  stages.atomic_write_json(
-    out_dir / RESULT, {'settings': expected, 'row': row, 'columns': list(row)}
-  )
+  artifacts.write_json(out_dir / RESULT, {'settings': expected, 'row': row, 'columns': list(row)})
   return row, values
 
 
@@ -336,7 +334,7 @@ def plot(
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
   from matplotlib.figure import Figure  # noqa: PLC0415
 
-  from puma_jax import stages  # noqa: PLC0415
+  from puma_jax import artifacts  # noqa: PLC0415
 
   fig = Figure(figsize=(11, 8))
   FigureCanvasAgg(fig)
@@ -418,7 +416,7 @@ def plot(
   fig.tight_layout()
   buf = io.BytesIO()
   fig.savefig(buf, format='png', dpi=110)
-  stages.atomic_write_bytes(path, buf.getvalue())
+  artifacts.write_bytes(path, buf.getvalue())
 
 
 def _csv_bytes(rows: Sequence[Mapping[str, Any]]) -> bytes:
@@ -439,15 +437,15 @@ def write_outputs(
   seconds: float,
 ) -> str:
   """Writes results.csv, table.md, margin_scaling.png and scaling.json; returns table.md."""
-  from puma_jax import stages  # noqa: PLC0415
+  from puma_jax import artifacts  # noqa: PLC0415
 
   out = settings.out
   eps = float(base_config(settings).attack.eps)
   text = report(settings, info, rows, command=command)
-  stages.atomic_write_bytes(out / 'results.csv', _csv_bytes(rows))
-  stages.atomic_write_text(out / 'table.md', text)
+  artifacts.write_bytes(out / 'results.csv', _csv_bytes(rows))
+  artifacts.write_text(out / 'table.md', text)
   plot(settings, rows, values, out / 'margin_scaling.png', eps=eps)
-  stages.atomic_write_json(
+  artifacts.write_json(
     out / 'scaling.json',
     {
       'settings': settings.to_dict(),

@@ -249,10 +249,10 @@ def _run_stages(config: Any, workdir: Path, names: Sequence[str], out: Path) -> 
 
 
 def _stage_outputs(workdir: Path, name: str) -> dict[str, Any]:
-  from puma_jax import stages  # noqa: PLC0415
+  from puma_jax import artifacts, stages  # noqa: PLC0415
 
   path = workdir / name / stages.MARKER
-  return stages.read_json(path).get('outputs', {}) if path.exists() else {}
+  return artifacts.read_json(path).get('outputs', {}) if path.exists() else {}
 
 
 def margin_files(data_dir: Path) -> dict[str, tuple[int, int, int]]:
@@ -265,15 +265,15 @@ def margin_files(data_dir: Path) -> dict[str, tuple[int, int, int]]:
 
 
 def _load_state(path: Path) -> dict[str, Any]:
-  from puma_jax import stages  # noqa: PLC0415
+  from puma_jax import artifacts  # noqa: PLC0415
 
-  return stages.read_json(path) if path.exists() else {}
+  return artifacts.read_json(path) if path.exists() else {}
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:
-  from puma_jax import stages  # noqa: PLC0415
+  from puma_jax import artifacts  # noqa: PLC0415
 
-  stages.atomic_write_json(path, state)
+  artifacts.write_json(path, state)
 
 
 def run_base(settings: Settings) -> dict[str, Any]:
@@ -301,7 +301,7 @@ def run_base(settings: Settings) -> dict[str, Any]:
 
 def run_one(settings: Settings, run: Run, base: Mapping[str, Any]) -> dict[str, Any]:
   """One run of the sweep (skipped stage by stage when already done); returns its table row."""
-  from puma_jax import pruning, stages  # noqa: PLC0415
+  from puma_jax import artifacts, pruning  # noqa: PLC0415
 
   workdir = run_dir(settings, run)
   config = run_config(settings, run)
@@ -315,7 +315,7 @@ def run_one(settings: Settings, run: Run, base: Mapping[str, Any]) -> dict[str, 
   uses_margins = pruning.settings_from_config(config).needs_margins
   if uses_margins:
     _check_margins_reused(settings, run, workdir, base)
-  ev = stages.read_json(workdir / 'evaluate' / 'report.json')
+  ev = artifacts.read_json(workdir / 'evaluate' / 'report.json')
   prune = pruning.PruneResult.load(workdir / 'prune')
   eps = np.concatenate([prune.eps[s] for s in prune.eps])
   kept = {s: int(len(prune.kept.get(s, ()))) for s in ('real', 'generated')}
@@ -514,7 +514,7 @@ def plot(summary: Sequence[Mapping[str, Any]], settings: Settings, path: Path) -
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
   from matplotlib.figure import Figure  # noqa: PLC0415
 
-  from puma_jax import stages  # noqa: PLC0415
+  from puma_jax import artifacts  # noqa: PLC0415
 
   fig = Figure(figsize=(11, 4.4))
   FigureCanvasAgg(fig)
@@ -576,7 +576,7 @@ def plot(summary: Sequence[Mapping[str, Any]], settings: Settings, path: Path) -
   fig.tight_layout()
   buf = io.BytesIO()
   fig.savefig(buf, format='png', dpi=120)
-  stages.atomic_write_bytes(path, buf.getvalue())
+  artifacts.write_bytes(path, buf.getvalue())
 
 
 def write_outputs(
@@ -588,15 +588,15 @@ def write_outputs(
   seconds: float,
 ) -> str:
   """Writes runs.csv, summary.csv, table.md, accuracy_vs_robustness.png, sweep.json."""
-  from puma_jax import stages  # noqa: PLC0415
+  from puma_jax import artifacts  # noqa: PLC0415
 
   out = settings.out
   text = report(settings, base, rows, command=command, seconds=seconds)
   summary = summarise(rows)
-  stages.atomic_write_bytes(out / 'runs.csv', _csv_bytes(rows))
-  stages.atomic_write_bytes(out / 'summary.csv', _csv_bytes(summary))
-  stages.atomic_write_text(out / 'table.md', text)
-  stages.atomic_write_json(
+  artifacts.write_bytes(out / 'runs.csv', _csv_bytes(rows))
+  artifacts.write_bytes(out / 'summary.csv', _csv_bytes(summary))
+  artifacts.write_text(out / 'table.md', text)
+  artifacts.write_json(
     out / 'sweep.json',
     {
       'settings': settings.to_dict(),

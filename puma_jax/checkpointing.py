@@ -17,13 +17,22 @@ manager starts. Only the last `keep_last` steps are kept (a `LatestN`
 preservation policy; `max_to_keep` is deprecated). Nothing here deletes the
 checkpoint folder or anything above it.
 
+Integrity: `save` records a content checksum of every leaf of every item
+(`artifacts.tree_checksums`, sha256) in a JSON item named 'checksums', written
+in the same atomic step. `restore` verifies the restored items against it. A
+damaged checkpoint (a checksum that differs, or data Orbax cannot read while an
+older step can be read) is skipped for the previous one, with a warning that
+names the damaged item folder and leaves; a later `save` of that step replaces
+it. Leaves sharded across processes are not verified (each process holds only
+a part). Checkpoints without checksums are restored unverified.
+
 Every process must make the same calls (`save`, `restore`) in the same order;
 Orbax synchronises them and writes on the primary process where needed.
 
 Example:
   with Checkpointer(workdir / 'checkpoints', keep_last=3) as ckpt:
     if (step := ckpt.latest_step()) is not None:
-      restored = ckpt.restore({'state': state, 'data_iter': None})
+      step, restored = ckpt.restore_latest({'state': state, 'data_iter': None})
       state, iter_state = restored['state'], restored['data_iter']
     ...
     ckpt.save(step, {'state': state, 'data_iter': iter_state})
@@ -42,7 +51,14 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-JSON_ITEMS = ('data_iter',)
+from puma_jax import artifacts
+
+JSON_ITEMS = ('data_iter', 'prune')  # the train loop's JSON items
+CHECKSUMS = 'checksums'  # the JSON item holding every other item's content checksums
+
+
+class DamagedCheckpointError(RuntimeError):
+  """A checkpoint whose restored content does not match the checksums recorded when saved."""
 
 
 def abstract_target(tree: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
@@ -102,7 +118,10 @@ class Checkpointer:
     if '://' not in directory:
       directory = os.path.abspath(directory)
     self.directory = epath.Path(directory)
+    if CHECKSUMS in json_items:
+      raise ValueError(f'the item name {CHECKSUMS!r} is reserved for the checksums')
     self._json_items = frozenset(json_items)
+    self._damaged: set[int] = set()
     options = ocp.CheckpointManagerOptions(
       preservation_policy=ocp.checkpoint_managers.LatestN(n=keep_last),
       enable_async_checkpointing=async_save,
@@ -133,13 +152,20 @@ class Checkpointer:
     """
     if not items:
       raise ValueError('nothing to save: items is empty')
+    if CHECKSUMS in items:
+      raise ValueError(f'the item name {CHECKSUMS!r} is reserved for the checksums')
     step = int(step)
     if step in self._manager.all_steps():
-      logging.info(
-        'checkpoint of step %d already exists in %s; not saved again', step, self.directory
-      )
-      return False
+      if step not in self._damaged:
+        logging.info(
+          'checkpoint of step %d already exists in %s; not saved again', step, self.directory
+        )
+        return False
+      logging.warning('replacing the damaged checkpoint %s', self.directory / str(step))
+      self._manager.delete(step)
+      self._damaged.discard(step)
     args = {}
+    checksums = {}
     for name, value in items.items():
       if name in self._json_items:
         try:
@@ -154,33 +180,97 @@ class Checkpointer:
             'process 0 only, so they must be the same everywhere.',
           )
         args[name] = ocp.args.JsonSave(value)
+        checksums[name] = _json_checksum(value)
       else:
         args[name] = ocp.args.StandardSave(value)
+        checksums[name] = artifacts.tree_checksums(value)
+    args[CHECKSUMS] = ocp.args.JsonSave(checksums)
     return self._manager.save(step, args=ocp.args.Composite(**args), force=True)
 
-  def restore(self, targets: Mapping[str, Any], *, step: int | None = None) -> dict[str, Any]:
-    """Restores the named items of checkpoint `step` (default: the latest).
+  def restore(
+    self,
+    targets: Mapping[str, Any],
+    *,
+    step: int | None = None,
+    optional: Sequence[str] = (),
+  ) -> dict[str, Any]:
+    """Restores and verifies the named items of checkpoint `step` (default: the latest good one).
 
     Args:
       targets: name -> restore target for array items (a pytree of arrays or
         ShapeDtypeStructs with shardings, see `abstract_target`; restored arrays
         land on those shardings), or None: JSON items, and array items restored
         as saved (an item saved from NumPy arrays comes back as NumPy arrays).
-      step: which checkpoint; None means the latest.
+      step: which checkpoint; None means the latest one that is not damaged
+        (see `restore_latest`).
+      optional: names in `targets` restored only if the checkpoint has them.
 
     Returns:
-      name -> restored value, for every name in `targets`.
+      name -> restored value, for every name in `targets` that was restored.
+
+    Raises:
+      DamagedCheckpointError: an explicit `step` fails its checksums.
     """
-    self._manager.wait_until_finished()
     if step is None:
-      step = self._manager.latest_step()
-      if step is None:
-        raise FileNotFoundError(f'no complete checkpoint in {self.directory}')
-    elif step not in self._manager.all_steps():
+      return self.restore_latest(targets, optional=optional)[1]
+    self._manager.wait_until_finished()
+    if step not in self._manager.all_steps():
       raise FileNotFoundError(
         f'no checkpoint of step {step} in {self.directory}; there are {self.all_steps()}'
       )
+    return self._restore_step(step, targets, optional)
+
+  def restore_latest(
+    self, targets: Mapping[str, Any], *, optional: Sequence[str] = ()
+  ) -> tuple[int, dict[str, Any]]:
+    """Restores the newest checkpoint that passes its checksums: (its step, its items).
+
+    A damaged checkpoint is skipped for the previous one, with a warning naming
+    the damaged item folder and leaves; a later `save` of its step replaces it.
+
+    Raises:
+      FileNotFoundError: no complete checkpoint.
+      DamagedCheckpointError: every checkpoint is damaged.
+    """
+    self._manager.wait_until_finished()
+    candidates = sorted(self._manager.all_steps(), reverse=True)
+    if not candidates:
+      raise FileNotFoundError(f'no complete checkpoint in {self.directory}')
+    failures: list[tuple[int, Exception]] = []
+    for step in candidates:
+      try:
+        restored = self._restore_step(step, targets, optional)
+      except DamagedCheckpointError as e:
+        failures.append((step, e))
+      except KeyError:
+        raise
+      except Exception as e:  # noqa: BLE001 (Orbax raises many types for unreadable data)
+        failures.append((step, e))
+      else:
+        for bad, error in failures:
+          self._damaged.add(bad)
+          logging.warning(
+            'checkpoint %s is damaged and was skipped; restored step %d instead. %s: %s',
+            self.directory / str(bad),
+            step,
+            type(error).__name__,
+            error,
+          )
+        return step, restored
+    if all(isinstance(e, DamagedCheckpointError) for _, e in failures):
+      self._damaged.update(s for s, _ in failures)
+      raise DamagedCheckpointError(
+        f'every checkpoint in {self.directory} is damaged:\n  '
+        + '\n  '.join(f'step {s}: {e}' for s, e in failures)
+        + '\nDelete the checkpoint folder to start over.'
+      )
+    raise failures[0][1]  # the same failure everywhere: not damage, e.g. another model
+
+  def _restore_step(
+    self, step: int, targets: Mapping[str, Any], optional: Sequence[str]
+  ) -> dict[str, Any]:
     saved = set(self.item_names(step))
+    targets = {k: v for k, v in targets.items() if k in saved or k not in optional}
     missing = sorted(set(targets) - saved)
     if missing:
       raise KeyError(
@@ -192,13 +282,38 @@ class Checkpointer:
         args[name] = ocp.args.JsonRestore()
       else:
         args[name] = ocp.args.StandardRestore(None if target is None else abstract_target(target))
+    has_checksums = (self.directory / str(step) / CHECKSUMS).exists()
+    if has_checksums:
+      args[CHECKSUMS] = ocp.args.JsonRestore()
     restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+    if not has_checksums:
+      logging.warning(
+        'checkpoint %s has no checksums (written by an older puma_jax); restored unverified',
+        self.directory / str(step),
+      )
+    else:
+      recorded = restored[CHECKSUMS]
+      for name in targets:
+        if name not in recorded:
+          continue
+        if name in self._json_items:
+          bad = [] if _json_checksum(restored[name]) == recorded[name] else ['(the JSON value)']
+        else:
+          bad = artifacts.damaged_leaves(recorded[name], artifacts.tree_checksums(restored[name]))
+        if bad:
+          raise DamagedCheckpointError(
+            f'{self.directory / str(step) / name}: the restored data differ from the checksums '
+            f'recorded when it was saved (damaged on disk), in {", ".join(bad[:5])}'
+            + (f' and {len(bad) - 5} more' if len(bad) > 5 else '')
+          )
     return {name: restored[name] for name in targets}
 
   def item_names(self, step: int) -> list[str]:
     """Names of the items saved in checkpoint `step`."""
     # Each item is a subfolder of the step folder (Orbax's default step naming).
-    return sorted(p.name for p in (self.directory / str(step)).iterdir() if p.is_dir())
+    return sorted(
+      p.name for p in (self.directory / str(step)).iterdir() if p.is_dir() and p.name != CHECKSUMS
+    )
 
   def wait_until_finished(self) -> None:
     """Blocks until every started save is complete on disk."""
@@ -214,3 +329,7 @@ class Checkpointer:
 
   def __exit__(self, *exc: Any) -> None:
     self.close()
+
+
+def _json_checksum(value: Any) -> str:
+  return artifacts.sha256_bytes(artifacts.dumps(artifacts.canonical(value)).encode())

@@ -81,10 +81,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.margins.max_iter = 50
   c.margins.clip = True  # Clip every DeepFool iterate to the image box [0, 1].
   c.margins.batch_size = 1024  # Per process; a multiple of its local devices.
-  # DeepFool slots per device (0: the device's whole share of a batch at once). A
-  # finished example frees its slot for the next one, so a batch does not wait for
-  # its slowest example; small values suit CPUs, the largest that fits suits accelerators.
-  c.margins.slots = 64
+  # DeepFool's `batch_size` per device: examples iterated at once (0: the device's
+  # whole share of a batch). A finished example frees its place for the next one, so a
+  # batch does not wait for its slowest example; small values suit CPUs, the largest
+  # that fits suits accelerators. A speed setting: margins do not depend on it.
+  c.margins.deepfool_batch_size = 64
   c.margins.recompute = False  # Recompute when the saved manifest disagrees.
   # The --dry_run cost estimate (puma_jax.margins.estimate_margin_cost).
   c.margins.estimate = ml_collections.ConfigDict()
@@ -147,7 +148,7 @@ def shrink_for_tests(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.data.real.num_shards = 2
   c.margin_model.num_steps = 20
   c.margins.batch_size = 64
-  c.margins.slots = 16
+  c.margins.deepfool_batch_size = 16
   c.train.batch_size = 32
   c.train.num_steps = 20
   c.train.warmup_steps = 2

@@ -36,7 +36,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from puma_jax import parallel, stages
+from puma_jax import artifacts, parallel
 from puma_jax.attacks import autoattack, losses, pgd
 from puma_jax.datasets import input_pipeline
 from puma_jax.progress import Progress
@@ -126,22 +126,23 @@ class _BatchStore:
     settings_path = out_dir / 'settings.json'
     is_main = jax.process_index() == 0
     if settings_path.exists():
-      old = stages.canonical(stages.read_json(settings_path))
-      if old != stages.canonical(settings):
+      try:
+        artifacts.check_same(
+          artifacts.read_json(settings_path),
+          settings,
+          what=f'the evaluation in {out_dir}',
+          fix='Use another output folder, or recompute=True (config eval.recompute) to replace it.',
+          error=ValueError,
+        )
+      except ValueError:
         if not recompute:
-          diff = {
-            k: (old.get(k), settings.get(k)) for k in settings if old.get(k) != settings.get(k)
-          }
-          raise ValueError(
-            f'{out_dir} holds an evaluation made with other settings {diff} (old, new); '
-            'use another output folder, or recompute=True (config eval.recompute) to replace it.'
-          )
+          raise
         if is_main:
           for f in self.dir.glob('*.npz'):
             f.unlink()
     if is_main:
       self.dir.mkdir(parents=True, exist_ok=True)
-      stages.atomic_write_json(settings_path, settings)
+      artifacts.write_json(settings_path, settings)
 
   def path(self, b: int) -> Path:
     return self.dir / f'{b:06d}.npz'
@@ -159,7 +160,7 @@ class _BatchStore:
 
   def save(self, b: int, index: np.ndarray, flags: np.ndarray) -> None:
     if jax.process_index() == 0:
-      stages.atomic_write_bytes(self.path(b), _npz_bytes(index=index, flags=flags))
+      artifacts.write_bytes(self.path(b), _npz_bytes(index=index, flags=flags))
 
 
 def _npz_bytes(**arrays: np.ndarray) -> bytes:
@@ -361,7 +362,7 @@ def evaluate(
     seconds=time.perf_counter() - start,
   )
   if jax.process_index() == 0:
-    stages.atomic_write_json(out_dir / 'report.json', report)
+    artifacts.write_json(out_dir / 'report.json', report)
   return report
 
 

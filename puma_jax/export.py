@@ -24,8 +24,8 @@ from typing import Any
 import safetensors.numpy
 from absl import flags, logging
 
-from puma_jax import cli, config_base, models, train
-from puma_jax.datasets import DataError, cifar, fileio, mnist
+from puma_jax import artifacts, cli, config_base, models, train
+from puma_jax.datasets import DataError, cifar, mnist
 
 _IMAGE_SHAPES = {
   'mnist_embedded': mnist.IMAGE_SHAPE,
@@ -112,7 +112,7 @@ def export(workdir: str | Path, out: str | Path, *, allow_unfinished: bool = Fal
     'puma_jax.image_shape': json.dumps(list(shape)),
     'puma_jax.workdir': str(workdir.resolve()),
   }
-  with fileio.atomic_path(out) as tmp:
+  with artifacts.atomic_path(out) as tmp:
     safetensors.numpy.save_file(state_dict, str(tmp), metadata=metadata)
   n = sum(int(v.size) for v in state_dict.values())
   logging.info('wrote %s: %d tensors, %d numbers', out, len(state_dict), n)

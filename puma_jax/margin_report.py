@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from puma_jax.datasets import fileio
+from puma_jax import artifacts
 
 QUANTILES = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0)
 CLASS_QUANTILES = (0.1, 0.5, 0.9)
@@ -197,7 +197,7 @@ def plot_histogram(
   ax.legend(loc='best', fontsize='small')
   fig.tight_layout()
   path = Path(path)
-  with fileio.atomic_path(path) as tmp:
+  with artifacts.atomic_path(path) as tmp:
     fig.savefig(tmp, format='png')
   return path
 
@@ -212,6 +212,6 @@ def write_report(
 ) -> tuple[Path, Path]:
   """Writes `summary.json` and `margins_by_source.png` into `directory` (atomic writes)."""
   directory = Path(directory)
-  json_path = fileio.write_json(directory / SUMMARY_FILE, dict(summary))
+  json_path = artifacts.write_json(directory / SUMMARY_FILE, dict(summary))
   png_path = plot_histogram(margins, directory / HISTOGRAM_FILE, norm=norm, converged=converged)
   return json_path, png_path

@@ -16,7 +16,6 @@ fresh start (`resume_step=None`) drops every earlier line the same way.
 import json
 import numbers
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,8 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
+
+from puma_jax import artifacts
 
 METRICS_FILE = 'metrics.jsonl'
 
@@ -185,16 +186,5 @@ def truncate_after(path: str | os.PathLike, step: int) -> int:
   keep = [r for r in records if r['step'] <= step]
   dropped = len(records) - len(keep) + bad
   if dropped:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-      with os.fdopen(fd, 'w', encoding='utf-8') as f:
-        for r in keep:
-          f.write(json.dumps(r) + '\n')
-        f.flush()
-        os.fsync(f.fileno())
-      os.chmod(tmp, 0o644)
-      os.replace(tmp, path)
-    except BaseException:
-      Path(tmp).unlink(missing_ok=True)
-      raise
+    artifacts.write_text(path, ''.join(json.dumps(r) + '\n' for r in keep))
   return dropped

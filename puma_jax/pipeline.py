@@ -7,7 +7,6 @@ checkpoint, margins shard by shard, evaluation batch by batch), and refuses a
 stage whose saved settings disagree with the config, saying how to proceed.
 """
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,13 +14,14 @@ from typing import Any
 import jax
 import numpy as np
 from absl import app, logging
-from jax.experimental import multihost_utils
 
 from puma_jax import (
+  artifacts,
   config_base,
   datasets,
   margins,
   models,
+  multihost,
   parallel,
   pruning,
   report,
@@ -29,6 +29,7 @@ from puma_jax import (
   steps,
   train,
 )
+from puma_jax.datasets import sidecar
 
 STAGES = ('prepare', 'margin_model', 'margins', 'prune', 'train', 'evaluate', 'report')
 MARGIN_MODEL_SOURCES = ('train', 'checkpoint', 'torch_npz')
@@ -102,6 +103,7 @@ class Context:
     self.fingerprints: dict[str, str] = {}
     self._prepared: datasets.Prepared | None = None
     self._margin_model: tuple[Any, Any] | None = None
+    self.margins: dict[str, np.ndarray] | None = None  # computed by this run's margin stage
 
   @property
   def data_dir(self) -> Path:
@@ -113,7 +115,7 @@ class Context:
       if build and jax.process_count() > 1:
         if jax.process_index() == 0:
           self._prepared = datasets.prepare(self.config.data, self.data_dir, build=True)
-        multihost_utils.sync_global_devices('puma_jax.prepare')
+        multihost.barrier('puma_jax.prepare')
       if self._prepared is None:
         self._prepared = datasets.prepare(self.config.data, self.data_dir, build=build)
     return self._prepared
@@ -212,7 +214,7 @@ def run_margin_model(ctx: Context) -> dict[str, Any]:
   else:
     result = {}
   _, variables = margin_model(ctx)
-  return {'model_fingerprint': margins.model_fingerprint(variables), 'eval': result}
+  return {'model_fingerprint': artifacts.tree_fingerprint(variables), 'eval': result}
 
 
 def run_margins(ctx: Context) -> dict[str, Any]:
@@ -230,13 +232,14 @@ def run_margins(ctx: Context) -> dict[str, Any]:
     prepared.train_splits,
     settings=margins.settings_from_config(cfg.margins),
     batch_size=cfg.margins.batch_size,
-    slots=cfg.margins.slots,
+    deepfool_batch_size=cfg.margins.deepfool_batch_size,
     sidecar_root=prepared.sidecar_root,
     recompute=cfg.margins.recompute,
     summary_dir=ctx.stage_dir('margins'),
     read_threads=cfg.data.read_threads,
     prefetch_batches=cfg.data.prefetch_batches,
   )
+  ctx.margins = result.margins
   overall = result.summary['overall']
   return {
     'summary': str(ctx.stage_dir('margins') / 'summary.json'),
@@ -247,15 +250,36 @@ def run_margins(ctx: Context) -> dict[str, Any]:
 
 
 def _load_margins(ctx: Context) -> dict[str, np.ndarray]:
-  model, variables = margin_model(ctx)
+  """The margins the prune stage ranks: this run's, or the sidecars the margin stage recorded.
+
+  The margin stage's marker names the margin model's fingerprint; the sidecars
+  are checked against it (and the DeepFool settings), so the weights are not
+  restored again. Damaged sidecars are recomputed (an error naming the fix
+  where their folder is read-only).
+  """
+  if ctx.margins is not None:
+    return ctx.margins
+  marker = STAGE_DEFS['margins'].read_marker(ctx.workdir) or {}
+  fingerprint = marker.get('outputs', {}).get('model_fingerprint')
+  if fingerprint is None:
+    raise RuntimeError(
+      f'{ctx.stage_dir("margins") / stages.MARKER} does not name the margin model; '
+      f'delete {ctx.stage_dir("margins")} to recompute the margins.'
+    )
   prepared = ctx.prepared()
-  return margins.load_margins(
-    model,
-    variables,
-    prepared.train_splits,
-    settings=margins.settings_from_config(ctx.config.margins),
-    sidecar_root=prepared.sidecar_root,
-  )
+  try:
+    return margins.load_margins(
+      train.create_model(ctx.config.model),
+      None,
+      prepared.train_splits,
+      settings=margins.settings_from_config(ctx.config.margins),
+      sidecar_root=prepared.sidecar_root,
+      fingerprint=fingerprint,
+    )
+  except sidecar.SidecarDamagedError as e:
+    logging.warning('%s Recomputing the damaged margin shards.', e)
+    run_margins(ctx)  # scores only the shards whose sidecars fail their checksums
+    return ctx.margins
 
 
 def run_prune(ctx: Context) -> dict[str, Any]:
@@ -273,7 +297,7 @@ def run_prune(ctx: Context) -> dict[str, Any]:
   )
   if jax.process_index() == 0:
     result.save(ctx.stage_dir('prune'))
-  _barrier('puma_jax.prune')
+  multihost.barrier('puma_jax.prune')
   return {name: int(len(idx)) for name, idx in result.kept.items()}
 
 
@@ -309,10 +333,10 @@ def run_evaluate(ctx: Context) -> dict[str, Any]:
     mesh=ctx.mesh,
     model_name=cfg.model.name,
     num_generated=_num_generated_used(ctx),
-    model_fingerprint=margins.model_fingerprint(variables),
+    model_fingerprint=artifacts.tree_fingerprint(variables),
   )
   if jax.process_index() == 0:
-    stages.atomic_write_json(ctx.stage_dir('evaluate') / 'report.json', rep)
+    artifacts.write_json(ctx.stage_dir('evaluate') / 'report.json', rep)
   keys = ('clean_acc', 'pgd_ce_acc', 'pgd_cw_acc', 'autoattack_acc', 'worst_case_acc')
   return {k: rep[k] for k in keys}
 
@@ -329,7 +353,7 @@ def run_report(ctx: Context) -> dict[str, Any]:
     paths = report.write_report(ctx.config, ctx.workdir)
   else:
     paths = {}
-  _barrier('puma_jax.report')
+  multihost.barrier('puma_jax.report')
   return {k: str(v) for k, v in paths.items()}
 
 
@@ -344,11 +368,6 @@ RUNNERS: dict[str, Callable[[Context], dict[str, Any]]] = {
 }
 
 
-def _barrier(name: str) -> None:
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
-
-
 def _skipped(config: Any, name: str) -> bool:
   """Stages with nothing to do for this config (no margins for strategies without them)."""
   return name in ('margin_model', 'margins') and not margins_needed(config)
@@ -356,7 +375,7 @@ def _skipped(config: Any, name: str) -> bool:
 
 def _write_config(config: Any, workdir: Path) -> None:
   if jax.process_index() == 0:
-    stages.atomic_write_json(workdir / 'config.json', json.loads(config.to_json_best_effort()))
+    artifacts.write_config(workdir, config)
 
 
 def run(config: Any, workdir: str | Path, *, stage: str = 'all', dry_run: bool = False) -> None:
@@ -397,7 +416,7 @@ def run(config: Any, workdir: str | Path, *, stage: str = 'all', dry_run: bool =
     outputs = RUNNERS[name](ctx)
     if dry_run:
       return
-    _barrier(f'puma_jax.stage.{name}')
+    multihost.barrier(f'puma_jax.stage.{name}')
     if jax.process_index() == 0:
       ctx.fingerprints[name] = defn.mark_complete(workdir, config, upstream, outputs)
     else:

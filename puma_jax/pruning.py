@@ -33,15 +33,15 @@ the example of the higher (source, index) counts as higher. Sources are 'real'
 
 import dataclasses
 import fractions
-import hashlib
-import json
+import io
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from puma_jax import artifacts
 
 SOURCES = ('real', 'generated')  # position = the source id carried by batches
 STRATEGIES = ('none', 'random', 'prune_high', 'prune_low', 'puma')
@@ -180,7 +180,10 @@ class PruneResult:
     for source in self.kept:
       arrays[f'kept_{source}'] = self.kept[source]
       arrays[f'eps_{source}'] = self.eps[source]
-    digest = _atomic_write(directory / KEPT_FILE, lambda f: np.savez(f, **arrays))
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    data = buf.getvalue()
+    artifacts.write_bytes(directory / KEPT_FILE, data)
     meta = {
       'format': FORMAT_VERSION,
       'settings': self.settings.to_dict(),
@@ -188,10 +191,9 @@ class PruneResult:
       'num_examples': self.num_examples,
       'stats': self.stats,
       'provenance': self.provenance,
-      'kept_sha256': digest,
+      'kept_sha256': artifacts.sha256_bytes(data),
     }
-    text = json.dumps(meta, indent=2, sort_keys=True) + '\n'
-    _atomic_write(directory / SETTINGS_FILE, lambda f: f.write(text.encode()))
+    artifacts.write_json(directory / SETTINGS_FILE, meta)
 
   @classmethod
   def load(cls, directory: str | os.PathLike) -> 'PruneResult':
@@ -202,10 +204,10 @@ class PruneResult:
       raise FileNotFoundError(
         f'no pruning result in {directory} (needs {KEPT_FILE} and {SETTINGS_FILE})'
       )
-    meta = json.loads(meta_path.read_text())
+    meta = artifacts.read_json(meta_path)
     if meta.get('format') != FORMAT_VERSION:
       raise ValueError(f'{meta_path} has format {meta.get("format")!r}, expected {FORMAT_VERSION}')
-    if _sha256(kept_path) != meta['kept_sha256']:
+    if artifacts.sha256_file(kept_path) != meta['kept_sha256']:
       raise ValueError(
         f'{kept_path} does not match the checksum in {meta_path} (an interrupted write?); '
         'rerun the prune stage.'
@@ -469,28 +471,3 @@ def _statistics(
       for s in margins
     }
   return stats
-
-
-def _sha256(path: Path) -> str:
-  h = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 22), b''):
-      h.update(chunk)
-  return h.hexdigest()
-
-
-def _atomic_write(path: Path, write) -> str:
-  """Writes through `write(binary file)` into a temp file, fsyncs, renames; returns sha256."""
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-  try:
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; results are meant to be shared
-    with os.fdopen(fd, 'wb') as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    digest = _sha256(Path(tmp))
-    os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
-  return digest

@@ -13,7 +13,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from puma_jax import stages
+from puma_jax import artifacts
 from puma_jax.metric_writer import read_metrics
 
 SOURCES = ('real', 'generated')
@@ -219,7 +219,7 @@ def write_report(config: Any, workdir: str | Path) -> dict[str, Path]:
 
   rep = {
     'workdir': str(workdir),
-    'settings': stages.canonical(config),
+    'settings': artifacts.canonical(config),
     'margins': (margin_summary or {}).get('by_source'),
     'pruning': (prune or {}).get('stats'),
     'training_curves': curves,
@@ -227,6 +227,6 @@ def write_report(config: Any, workdir: str | Path) -> dict[str, Path]:
     'evaluation_report': evaluation,
     'plots': plots,
   }
-  stages.atomic_write_json(workdir / 'report.json', rep)
-  stages.atomic_write_text(workdir / 'report.md', _markdown(rep, plots))
+  artifacts.write_json(workdir / 'report.json', rep)
+  artifacts.write_text(workdir / 'report.md', _markdown(rep, plots))
   return {'report.md': workdir / 'report.md', 'report.json': workdir / 'report.json'}

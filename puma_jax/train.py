@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from puma_jax import checkpointing, models, parallel, steps
+from puma_jax import artifacts, checkpointing, models, parallel, steps
 from puma_jax.datasets import Prepared, input_pipeline
 from puma_jax.metric_writer import MetricWriter, read_metrics
 from puma_jax.progress import Progress
@@ -208,10 +208,8 @@ def train_and_evaluate(
   pruning = pruning_item(kept, kept_eps)
   start = ckpt.latest_step()
   if start is not None:
-    targets = {'state': checkpointing.abstract_target(state), 'data_iter': None}
-    if 'prune' in ckpt.item_names(start):
-      targets['prune'] = None  # NumPy arrays, restored as saved
-    restored = ckpt.restore(targets)
+    targets = {'state': checkpointing.abstract_target(state), 'data_iter': None, 'prune': None}
+    start, restored = ckpt.restore_latest(targets, optional=('prune',))
     if 'prune' in restored:
       check_same_pruning(restored['prune'], pruning, f'checkpoint {start} of {workdir}')
     state = restored['state']
@@ -298,18 +296,23 @@ def train_and_evaluate(
 
 def pruning_item(
   kept: Mapping[str, np.ndarray] | None, kept_eps: Mapping[str, np.ndarray] | None
-) -> dict[str, dict[str, np.ndarray]]:
-  """The pruning output a run trains on, as a checkpoint item: source -> {'kept', 'eps'}."""
-  item: dict[str, dict[str, np.ndarray]] = {}
+) -> dict[str, dict[str, str]]:
+  """The pruning output a run trains on, as a JSON checkpoint item: its fingerprints.
+
+  Returns:
+    source -> {'kept': fingerprint of the kept ids (as int64), 'eps': fingerprint
+    of their eps (as float32)} (`artifacts.tree_fingerprint`); empty without pruning.
+  """
+  item: dict[str, dict[str, str]] = {}
   for name, ids in (kept or {}).items():
-    item.setdefault(name, {})['kept'] = np.asarray(ids)  # int32 from the prune stage
+    item.setdefault(name, {})['kept'] = artifacts.tree_fingerprint(np.asarray(ids, np.int64))
   for name, eps in (kept_eps or {}).items():
-    item.setdefault(name, {})['eps'] = np.asarray(eps, np.float32)
+    item.setdefault(name, {})['eps'] = artifacts.tree_fingerprint(np.asarray(eps, np.float32))
   return item
 
 
 def check_same_pruning(saved: Mapping[str, Any], given: Mapping[str, Any], where: str) -> None:
-  """Raises ValueError naming the source and array where two pruning outputs differ."""
+  """Raises ValueError naming the source and array where two `pruning_item`s differ."""
   if not given:
     raise ValueError(
       f'{where} was trained on a pruning output (kept examples, per-example eps) but none was '
@@ -318,8 +321,7 @@ def check_same_pruning(saved: Mapping[str, Any], given: Mapping[str, Any], where
     )
   for name in sorted(set(saved) | set(given)):
     for key in sorted(set(saved.get(name, {})) | set(given.get(name, {}))):
-      a, b = saved.get(name, {}).get(key), given.get(name, {}).get(key)
-      if a is None or b is None or np.shape(a) != np.shape(b) or not np.array_equal(a, b):
+      if saved.get(name, {}).get(key) != given.get(name, {}).get(key):
         raise ValueError(
           f'{where} was trained on a different pruning output ({key!r} of source {name!r} '
           'differs from the one given now, e.g. WORKDIR/prune/kept.npz changed); resume with '

@@ -15,7 +15,7 @@ import pytest
 
 from configs import default
 from experiments import bench_eval
-from puma_jax import checkpointing, datasets, models, stages, steps, train
+from puma_jax import artifacts, checkpointing, datasets, models, steps, train
 from puma_jax.models import small_cnn
 
 PEER_PYTHON = os.environ.get('PUMA_JAX_PEER_PYTHON', '/work/peers-venv/bin/python')
@@ -104,7 +104,7 @@ def test_pipeline_check_compares_flags(tmp_path):
   settings = {'norm': 'linf', 'eps': 0.3, 'seed': 0}
   results = tmp_path / 'evaluate' / 'results'
   names = ['clean', 'pgd_ce', 'pgd_cw', 'apgd-ce', 'apgd-t', 'fab-t', 'square']
-  stages.atomic_write_json(
+  artifacts.write_json(
     results / 'settings.json', {**settings, 'model_fingerprint': 'sha256:x', 'stages': names}
   )
   ours = np.array([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [0, 0, 0, 0, 0]], bool)
@@ -124,7 +124,7 @@ def workdir(tmp_path_factory):
   """A workdir shaped like a finished tiny pipeline run: config.json, data/, train/."""
   wd = tmp_path_factory.mktemp('workdir')
   config = default.get_config('tiny')
-  stages.atomic_write_json(wd / 'config.json', json.loads(config.to_json_best_effort()))
+  artifacts.write_json(wd / 'config.json', json.loads(config.to_json_best_effort()))
   prepared = datasets.prepare(config.data, wd / 'data')
   model = train.create_model(config.model)
   tx, _ = train.optimizer_from_config(config)
@@ -132,7 +132,7 @@ def workdir(tmp_path_factory):
   with checkpointing.Checkpointer(wd / 'train' / 'checkpoints') as ckpt:
     ckpt.save(0, {'state': state, 'data_iter': {'step': 0}})
     ckpt.wait_until_finished()
-  stages.atomic_write_json(wd / 'train' / 'stage.json', {})
+  artifacts.write_json(wd / 'train' / 'stage.json', {})
   return wd
 
 
@@ -185,7 +185,7 @@ def test_peer_stops_when_logits_differ(tmp_path):
   variables = model.init(jax.random.key(0), x)
   arch = bench_eval.small_cnn_architecture(model, (28, 28, 1))
   bench_eval.save_npz(tmp_path / 'model.npz', **bench_eval.to_torch_state_dict(variables, arch))
-  stages.atomic_write_json(tmp_path / 'model.json', arch)
+  artifacts.write_json(tmp_path / 'model.json', arch)
   logits = np.array(model.apply(variables, x))
   logits[2, 3] += 1e-3  # what a layout mistake would look like
   bench_eval.save_npz(

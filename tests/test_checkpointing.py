@@ -1,5 +1,6 @@
 """Orbax checkpoints: sharded round trip on 4 devices, keep-last-N, partial saves ignored."""
 
+import logging
 import os
 import shutil
 import socket
@@ -202,3 +203,66 @@ def test_two_processes(tmp_path):
     assert f"RESULT {pid} [2, 3] {{'step': 3}}" in out, out[-3000:]
     assert f'MISMATCH {pid} True' in out, out[-3000:]
   assert sorted(p.name for p in (tmp_path / 'ckpt').iterdir() if p.is_dir()) == ['2', '3']
+
+
+def _flip_middle_of_largest_file(item_dir: Path, size: int = 4096) -> Path:
+  """Inverts `size` bytes in the middle of the item's largest file (its array data)."""
+  path = max((p for p in item_dir.rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
+  data = bytearray(path.read_bytes())
+  mid = len(data) // 2
+  for i in range(max(0, mid - size // 2), min(len(data), mid + size // 2)):
+    data[i] ^= 0xFF
+  path.write_bytes(bytes(data))
+  return path
+
+
+def _big_state(mesh, offset: float):
+  w = np.random.default_rng(int(offset)).standard_normal((256, 256)).astype(np.float32)
+  return {'w': parallel.replicate(jnp.asarray(w), mesh)}
+
+
+def _swap_data(directory: Path) -> None:
+  """Puts step 1's state data under step 2: valid data that Orbax reads without complaint."""
+  shutil.rmtree(directory / '2' / 'state')
+  shutil.copytree(directory / '1' / 'state', directory / '2' / 'state')
+
+
+@pytest.mark.parametrize('damage', ['flipped_bytes', 'other_valid_data'])
+def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(tmp_path, mesh, caplog, damage):
+  directory = tmp_path / 'ckpt'
+  with checkpointing.Checkpointer(directory) as ckpt:
+    for step in (1, 2):
+      ckpt.save(step, {'state': _big_state(mesh, step), 'data_iter': {'step': step}})
+  if damage == 'flipped_bytes':
+    _flip_middle_of_largest_file(directory / '2' / 'state')
+  else:
+    _swap_data(directory)
+  target = {'state': checkpointing.abstract_target(_big_state(mesh, 0)), 'data_iter': None}
+  with checkpointing.Checkpointer(directory) as ckpt:
+    with caplog.at_level(logging.WARNING):
+      step, restored = ckpt.restore_latest(target)
+    assert step == 1 and restored['data_iter'] == {'step': 1}
+    _assert_tree_equal(restored['state'], _big_state(mesh, 1))
+    assert f'checkpoint {directory / "2"} is damaged' in caplog.text
+    if damage == 'other_valid_data':  # only the checksums see this damage
+      with pytest.raises(checkpointing.DamagedCheckpointError, match=r"2/state.*\['w'\]"):
+        ckpt.restore(target, step=2)
+    # Training goes on from step 1 and saves step 2 again: the damaged one is replaced.
+    assert ckpt.save(2, {'state': _big_state(mesh, 2), 'data_iter': {'step': 2}})
+    ckpt.wait_until_finished()
+    step, restored = ckpt.restore_latest(target)
+  assert step == 2
+  _assert_tree_equal(restored['state'], _big_state(mesh, 2))
+
+
+def test_every_checkpoint_damaged_is_an_error(tmp_path, mesh):
+  directory = tmp_path / 'ckpt'
+  with checkpointing.Checkpointer(directory) as ckpt:
+    ckpt.save(1, {'state': _big_state(mesh, 1)})
+    ckpt.save(2, {'state': _big_state(mesh, 2)})
+  (directory / '1' / 'state').rename(tmp_path / 'state_1')  # swap the two steps' data
+  (directory / '2' / 'state').rename(directory / '1' / 'state')
+  (tmp_path / 'state_1').rename(directory / '2' / 'state')
+  with checkpointing.Checkpointer(directory) as ckpt:
+    with pytest.raises(checkpointing.DamagedCheckpointError, match='every checkpoint'):
+      ckpt.restore({'state': checkpointing.abstract_target(_big_state(mesh, 0))})

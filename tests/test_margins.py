@@ -118,19 +118,31 @@ def test_partial_batches_give_one_margin_per_example(tmp_path, data_dir):
   assert len(np.unique(res.margins['real'])) >= 20  # the reference is not degenerate
 
 
-def test_slots_give_the_margins_of_the_whole_batch(tmp_path, data_dir):
+def test_deepfool_batch_size_gives_the_margins_of_the_whole_batch(tmp_path, data_dir):
   split = testing.make_split(data_dir, num_examples=25, num_shards=2, name='odd_25')
   model, variables = tiny_model(seed=1)
   res = margins.compute_margins(
-    model, variables, [split], settings=SETTINGS, batch_size=8, slots=1, sidecar_root=tmp_path
+    model,
+    variables,
+    [split],
+    settings=SETTINGS,
+    batch_size=8,
+    deepfool_batch_size=1,
+    sidecar_root=tmp_path,
   )
   ref = _direct(model, variables, split, SETTINGS)
   np.testing.assert_allclose(res.margins['real'], ref.margin, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(res.iterations['real'], ref.iterations)
   assert len(np.unique(ref.iterations)) > 1  # examples leave their slots at different times
-  with pytest.raises(ValueError, match='margins.slots'):
+  with pytest.raises(ValueError, match='margins.deepfool_batch_size'):
     margins.compute_margins(
-      model, variables, [split], settings=SETTINGS, batch_size=8, slots=-1, sidecar_root=tmp_path
+      model,
+      variables,
+      [split],
+      settings=SETTINGS,
+      batch_size=8,
+      deepfool_batch_size=-1,
+      sidecar_root=tmp_path,
     )
 
 
@@ -149,16 +161,25 @@ def test_resume_skips_complete_shards_and_redoes_corrupt_ones(tmp_path, splits):
   leftover.write_bytes(b'partial')
   with pytest.raises(sidecar.SidecarError, match=truncated.name):
     sidecar.load(split, 'margins', first.settings, tmp_path)
+  damaged = sidecar.sidecar_path(splits['real'], tags['converged'], 2, tmp_path)
+  data = bytearray(damaged.read_bytes())
+  data[-1] ^= 1  # complete and well-formed, but not what was written
+  damaged.write_bytes(bytes(data))
 
   again = margins.compute_margins(
     model, variables, splits, settings=SETTINGS, batch_size=8, sidecar_root=tmp_path
   )
-  assert again.run['shards_computed'] == {'real': [], 'generated': [1, 3]}
-  assert again.run['shards_skipped'] == {'real': [0, 1, 2], 'generated': [0, 2]}
+  assert again.run['shards_computed'] == {'real': [2], 'generated': [1, 3]}
+  assert again.run['shards_skipped'] == {'real': [0, 1], 'generated': [0, 2]}
   assert not leftover.exists()
   for key in splits:  # bitwise identical to the uninterrupted run
     np.testing.assert_array_equal(again.margins[key], first.margins[key])
     np.testing.assert_array_equal(again.iterations[key], first.iterations[key])
+    np.testing.assert_array_equal(again.converged[key], first.converged[key])
+    for q, t in tags.items():  # natural dtypes, and the sidecars hold what was returned
+      stored = sidecar.load(splits[key], t, root=tmp_path)
+      assert stored.dtype == margins.DTYPES[q]
+      np.testing.assert_array_equal(stored, getattr(again, {'margin': 'margins'}.get(q, q))[key])
 
   third = margins.compute_margins(
     model, variables, splits, settings=SETTINGS, batch_size=8, sidecar_root=tmp_path
@@ -185,7 +206,7 @@ def test_mismatching_manifest_is_refused_unless_recompute(tmp_path, splits):
 
   other = margins.DeepFoolSettings(norm='linf', num_candidates=4, max_iter=3)
   with pytest.raises(
-    sidecar.SidecarError, match=r'(?s)deepfool\.max_iter: 20 vs 3.*recompute=True'
+    sidecar.SidecarError, match=r'(?s)deepfool\.max_iter: 20 -> 3.*recompute=True'
   ):
     margins.compute_margins(model, variables, only, settings=other, **kw)
   _, other_variables = tiny_model(seed=4)

@@ -40,6 +40,33 @@ from test_margins import SETTINGS, tiny_model
 from puma_jax import margins
 from puma_jax.datasets import open_split
 
+if args.get('kill'):  # SIGKILL this process after its n-th 'batch', sidecar 'file' or 'shard'
+  import os, signal
+  from puma_jax.datasets import sidecar
+  event, n = args['kill'].split(':')
+  counts = {}
+
+  def count(what):
+    counts[what] = counts.get(what, 0) + 1
+    if what == event and counts[what] == int(n):
+      os.kill(os.getpid(), signal.SIGKILL)
+
+  write_shard, add = sidecar.write_shard, margins.store.ShardBuffer.add
+
+  def counted_write(split, tag, *a, **kw):
+    out = write_shard(split, tag, *a, **kw)
+    count('file')
+    if tag == 'margins':  # a shard's margin is written last
+      count('shard')
+    return out
+
+  def counted_add(self, *a):
+    out = add(self, *a)
+    count('batch')
+    return out
+
+  sidecar.write_shard, margins.store.ShardBuffer.add = counted_write, counted_add
+
 splits = {
   key: open_split(path, 'train', source_id=sid, data_dir=args['data_dir'])
   for key, (path, sid) in args['splits'].items()
@@ -61,11 +88,11 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _spawn(tmp_path, args: dict, env_extra: dict | None = None) -> subprocess.Popen:
+def _spawn(tmp_path, args: dict) -> subprocess.Popen:
   script = tmp_path / 'worker.py'
   script.write_text(_WORKER)
-  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', margins.KILL_ENV)}
-  env.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu', **(env_extra or {}))
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu')
   args = {
     'tests_dir': str(Path(__file__).resolve().parent),
     'cache_dir': str(tmp_path / 'jax_cache'),
@@ -132,12 +159,12 @@ def test_killed_runs_resume_to_identical_arrays(tmp_path, data):
 
   # Shards run in order real 0-2, generated 0-3 (10 and 11 examples each: 2 batches of 8).
   # 1. Killed after two whole shards.
-  proc = _spawn(tmp_path, args, {margins.KILL_ENV: 'shard:2'})
+  proc = _spawn(tmp_path, {**args, 'kill': 'shard:2'})
   (out,) = _finish([proc])
   assert proc.returncode == -signal.SIGKILL, out[-3000:]
   assert complete() == {'real': [0, 1], 'generated': []}
   # 2. Killed between the sidecar files of a shard: real shard 2 has 2 of its 3 files.
-  proc = _spawn(tmp_path, args, {margins.KILL_ENV: 'file:2'})
+  proc = _spawn(tmp_path, {**args, 'kill': 'file:2'})
   _finish([proc])
   assert proc.returncode == -signal.SIGKILL
   s = splits['real']
@@ -145,7 +172,7 @@ def test_killed_runs_resume_to_identical_arrays(tmp_path, data):
   assert not sidecar.sidecar_path(s, tags['margin'], 2, root).exists()
   assert complete() == {'real': [0, 1], 'generated': []}
   # 3. Killed in the middle of a shard's batches (generated shard 0, after its first batch).
-  proc = _spawn(tmp_path, args, {margins.KILL_ENV: 'batch:3'})
+  proc = _spawn(tmp_path, {**args, 'kill': 'batch:3'})
   _finish([proc])
   assert proc.returncode == -signal.SIGKILL
   assert complete() == {'real': [0, 1, 2], 'generated': []}

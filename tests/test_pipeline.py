@@ -2,14 +2,16 @@
 
 import importlib
 import json
+import re
+import shutil
 
 import numpy as np
 import pytest
 from absl import app
 from PIL import Image
 
-from puma_jax import margins, models, pipeline, stages, train
-from puma_jax.datasets import cifar
+from puma_jax import artifacts, margins, models, pipeline, stages, train
+from puma_jax.datasets import cifar, sidecar
 from tools import image_folder
 
 STAGE_DIRS = ('prepare', 'margin_model', 'margins', 'prune', 'train', 'evaluate', 'report')
@@ -60,6 +62,55 @@ def test_rerun_after_completion_does_no_work(default_run, monkeypatch):
 
   monkeypatch.setattr(pipeline, 'RUNNERS', {name: must_not_run for name in pipeline.STAGES})
   pipeline.run(config, workdir)
+
+
+def test_prune_reads_the_recorded_margins_without_restoring_the_margin_model(
+  default_run, monkeypatch, tmp_path
+):
+  config, done = default_run
+  workdir = tmp_path / 'copy'
+  _copy_up_to_margins(done, workdir)
+
+  def must_not_run(*args, **kwargs):
+    raise AssertionError('the margin model was restored or hashed again')
+
+  monkeypatch.setattr(train, 'restore_ema_variables', must_not_run)
+  monkeypatch.setattr(artifacts, 'tree_fingerprint', must_not_run)
+  pipeline.run(config, workdir, stage='prune')
+  assert (workdir / 'prune' / 'kept.npz').read_bytes() == (done / 'prune' / 'kept.npz').read_bytes()
+
+
+def _copy_up_to_margins(done, workdir):
+  shutil.copytree(done, workdir)
+  for name in ('prune', 'train', 'evaluate', 'report'):
+    shutil.rmtree(workdir / name, ignore_errors=True)
+  return sorted(workdir.glob('**/*.margins.npy'))
+
+
+def test_a_damaged_margin_sidecar_is_recomputed_or_named(default_run, tmp_path, monkeypatch):
+  config, done = default_run
+  workdir = tmp_path / 'copy'
+  path = _copy_up_to_margins(done, workdir)[-1]
+  good = path.read_bytes()
+  data = bytearray(good)
+  data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)  # zeroed bytes in the values
+  path.write_bytes(bytes(data))
+
+  write_bytes, data_folder = artifacts.write_bytes, path.parent
+
+  def read_only(target, data):  # the data folder is read-only (the workdir is not)
+    if target.parent == data_folder:
+      raise PermissionError(30, 'Read-only file system')
+    return write_bytes(target, data)
+
+  with monkeypatch.context() as m:
+    m.setattr(artifacts, 'write_bytes', read_only)
+    shard = re.escape(path.name.split('.margins')[0])
+    with pytest.raises(sidecar.SidecarError, match=f'{shard}.*Read-only.*sidecar_dir'):
+      pipeline.run(config, workdir, stage='prune')
+  pipeline.run(config, workdir, stage='prune')
+  assert path.read_bytes() == good
+  assert (workdir / 'prune' / 'kept.npz').read_bytes() == (done / 'prune' / 'kept.npz').read_bytes()
 
 
 def test_a_changed_setting_is_refused_with_a_way_forward(default_run):

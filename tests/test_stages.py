@@ -50,9 +50,3 @@ def test_corrupt_marker_is_reported(tmp_path):
   (tmp_path / 'prune' / 'stage.json').write_text('{"trunc')
   with pytest.raises(stages.ConfigMismatchError, match='not valid JSON'):
     STAGE.is_complete(tmp_path, _config(), {})
-
-
-def test_atomic_write_leaves_no_temp_files(tmp_path):
-  stages.atomic_write_json(tmp_path / 'a' / 'x.json', {'a': (1, 2)})
-  assert json.loads((tmp_path / 'a' / 'x.json').read_text()) == {'a': [1, 2]}
-  assert [p.name for p in (tmp_path / 'a').iterdir()] == ['x.json']

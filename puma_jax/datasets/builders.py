@@ -26,7 +26,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from puma_jax.datasets import fileio, splits
+from puma_jax import artifacts
+from puma_jax.datasets import splits
 from puma_jax.datasets.errors import DataError
 
 VERSION = '1.0.0'
@@ -147,7 +148,7 @@ class _ImageArrays(tfds.core.ShardBasedBuilder, skip_registration=True):
     super()._download_and_prepare(dl_manager, download_config)
     # Still inside TFDS's incomplete folder: the labels become visible with the shards.
     for name, arrays in self._arrays.items():
-      fileio.save_npy(
+      artifacts.save_npy(
         self.data_path / f'{self.name}-{name}{splits.LABELS_SUFFIX}',
         arrays.labels.astype(np.int32),
       )

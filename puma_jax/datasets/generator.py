@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from puma_jax.datasets import fileio
+from puma_jax import artifacts
 
 VERSION = 'pca_interp_elastic_v1'
 CHUNK = 4096
@@ -229,6 +229,6 @@ def _warp(x: np.ndarray, rng: np.random.Generator, s: Settings) -> np.ndarray:
 
 def write_npz(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray) -> Path:
   """Atomically writes `image` and `label` in the DM-Improves-AT .npz format (np.savez)."""
-  with fileio.atomic_path(path) as tmp:
+  with artifacts.atomic_path(path) as tmp:
     np.savez(tmp, image=images, label=labels)
   return Path(path)

@@ -115,12 +115,6 @@ def _source_seed(seed: int, source_id: int, purpose: int) -> int:
   return int(np.random.SeedSequence([seed, source_id, purpose]).generate_state(1)[0])
 
 
-def _array_digest(a: np.ndarray | None) -> str | None:
-  if a is None:
-    return None
-  return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:16]
-
-
 def read_examples(split: Split, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Decodes examples `ids` of `split`: images u8[n,H,W,C], labels i32[n]."""
   if len(ids) == 0:
@@ -261,8 +255,7 @@ class TrainIterator(grain.DatasetIterator):
         name: {
           'split': f'{v.split.name}:{v.split.split}',
           'num_examples': v.split.num_examples,
-          'indices': _array_digest(v.indices),
-          'eps': _array_digest(v.eps),
+          'kept': v.size,
         }
         for name, v in sorted(self.views.items())
         if name in self.counts
@@ -334,8 +327,8 @@ class TrainIterator(grain.DatasetIterator):
       raise DataError(
         f'the saved data-iterator state was made by a different input pipeline '
         f'(fingerprint {state.get("fingerprint")} vs {self.fingerprint}: batch size, mixing, '
-        'seed, eps, augmentation or kept examples changed); resume with the same settings or '
-        'start a new workdir.'
+        'seed, eps, augmentation or the number of kept examples changed); resume with the same '
+        'settings or start a new workdir.'
       )
     self._close_inner()
     self.step = int(state['step'])
@@ -542,3 +535,42 @@ def shard_batches(
   ids = split.shard_indices(shard_id)
   per_batch = [ids[a : a + batch_size] for a in range(0, len(ids), batch_size)]
   return _padded_batches(split, per_batch, batch_size, 0.0, read_threads, prefetch_batches)
+
+
+class _ShardsBatches:
+  """Random-access batches of several shards, one after the other, each batch tagged by its part."""
+
+  def __init__(self, parts: Sequence[tuple[Split, int]], batch_size: int):
+    self.batches = []  # (part, PaddedBatches, batch number in it)
+    for p, (split, shard_id) in enumerate(parts):
+      ids = split.shard_indices(shard_id)
+      per_batch = [ids[a : a + batch_size] for a in range(0, len(ids), batch_size)]
+      source = _PaddedBatches(split, per_batch, batch_size, 0.0)
+      self.batches += [(p, source, b) for b in range(len(per_batch))]
+
+  def __len__(self) -> int:
+    return len(self.batches)
+
+  def __getitem__(self, i: int) -> Batch:
+    part, source, b = self.batches[i]
+    return {**source[b], 'part': np.int32(part)}
+
+
+def shards_batches(
+  parts: Sequence[tuple[Split, int]],
+  *,
+  batch_size: int,
+  read_threads: int = 4,
+  prefetch_batches: int = 4,
+) -> grain.IterDataset:
+  """The batches of several shards in order: `shard_batches` of each part, one after the other.
+
+  Every batch also holds `part`: the position of its (split, shard id) in
+  `parts`. grain threads read ahead across shard boundaries, so the next shard
+  is read while this one computes.
+  """
+  for split, _ in parts:
+    _ = split.data_source  # Open the readers here, not concurrently in grain's threads.
+  return grain.MapDataset.source(_ShardsBatches(parts, batch_size)).to_iter_dataset(
+    grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_batches)
+  )

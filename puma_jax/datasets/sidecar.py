@@ -2,16 +2,24 @@
 
 For shard file `<shard>` of a split and a tag such as 'margins':
 
-  <shard>.<tag>.npy                          f32[shard length], in shard order
+  <shard>.<tag>.npy                          [shard length] values in shard order, in the
+                                             manifest's dtype (float32, int32, bool, ...)
+  <shard>.<tag>.npy.sha256                   sha256 of that .npy file, written after it
   <split dir>/<split>.<tag>.manifest.json    one per split and tag
 
-The manifest records the shard names and lengths, a fingerprint of the split's
-labels in global order, and a free-form `settings` dict given by the writer
-(DeepFool settings, norm, candidates, margin-model hash, ...). Loading checks
-every sidecar against the manifest and the dataset, so margins are never mixed
-across datasets, shardings or settings. With `root`, sidecars and manifest go
-under `root` instead, mirroring their path relative to the TFDS data_dir (for a
-read-only data_dir). Every write is atomic (temporary file + `os.replace`).
+The manifest records the values' dtype, the shard names and lengths, a
+fingerprint of the split's labels in global order, and a free-form `settings`
+dict given by the writer (DeepFool settings, norm, candidates, margin-model
+hash, ...). Loading checks every sidecar against the manifest and the dataset,
+so margins are never mixed across datasets, shardings or settings, and checks
+its content against its checksum (`SidecarDamagedError` names a damaged file).
+A shard counts as complete when its .npy has the right header and size and its
+checksum file exists. With `root`, sidecars and manifest go under `root`
+instead, mirroring their path relative to the TFDS data_dir (for a read-only
+data_dir). Every write is atomic (`artifacts`).
+
+Manifests of format 1 (float32 values of every quantity, no checksums) are
+refused with a message saying to recompute them.
 
 Protocol for a writer such as the margin stage:
   1. `write_manifest(split, tag, settings)` once (process 0), before any shard:
@@ -19,9 +27,10 @@ Protocol for a writer such as the margin stage:
      unless `overwrite=True`, which also deletes the old sidecars;
   2. for each shard it owns: skip it if `is_complete(...)`, else compute and
      `write_shard(...)`;
-  3. readers call `load(split, tag, expected_settings)`.
+  3. readers call `load(split, tag, expected_settings)` (or `load_shard`).
 """
 
+import io
 import json
 import os
 import re
@@ -30,16 +39,21 @@ from typing import Any
 
 import numpy as np
 
-from puma_jax.datasets import fileio
+from puma_jax import artifacts
 from puma_jax.datasets.errors import DataError
 from puma_jax.datasets.splits import Split
 
-FORMAT = 1
+FORMAT = 2
+CHECKSUM_SUFFIX = '.sha256'
 _TAG = re.compile(r'^[A-Za-z0-9_\-]+$')
 
 
 class SidecarError(DataError):
   """A sidecar or manifest that is missing, corrupt, or does not match the dataset."""
+
+
+class SidecarDamagedError(SidecarError):
+  """A complete sidecar whose content differs from the checksum recorded when it was written."""
 
 
 def _check_tag(tag: str) -> None:
@@ -66,6 +80,11 @@ def sidecar_path(
   return _dir(split, root) / f'{split.shard_paths[shard_id].name}.{tag}.npy'
 
 
+def checksum_path(path: Path) -> Path:
+  """The checksum file of sidecar `path`: `<sidecar>.npy.sha256`."""
+  return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+
 def manifest_path(split: Split, tag: str, root: str | os.PathLike | None = None) -> Path:
   """`<split dir>/<split>.<tag>.manifest.json` (under `root` if given)."""
   _check_tag(tag)
@@ -74,16 +93,19 @@ def manifest_path(split: Split, tag: str, root: str | os.PathLike | None = None)
 
 def _normalise(settings: Any) -> Any:
   try:
-    return json.loads(json.dumps(settings, sort_keys=True))
+    return artifacts.canonical(settings)
   except TypeError as e:
     raise TypeError(
       f'sidecar settings must be JSON-serialisable (numbers, strings, lists): {e}'
     ) from e
 
 
-def _manifest_for(split: Split, tag: str, settings: dict[str, Any]) -> dict[str, Any]:
+def _manifest_for(
+  split: Split, tag: str, settings: dict[str, Any], dtype: Any = np.float32
+) -> dict[str, Any]:
   return {
     'format': FORMAT,
+    'dtype': np.dtype(dtype).name,
     'dataset': split.name,
     'split': split.split,
     'tag': tag,
@@ -95,22 +117,6 @@ def _manifest_for(split: Split, tag: str, settings: dict[str, Any]) -> dict[str,
     'labels_fingerprint': split.labels_fingerprint(),
     'settings': _normalise(settings),
   }
-
-
-def _differences(a: Any, b: Any, prefix: str = '') -> list[str]:
-  """Human-readable differences between two JSON values (keys that differ)."""
-  if isinstance(a, dict) and isinstance(b, dict):
-    out = []
-    for k in sorted(set(a) | set(b)):
-      key = f'{prefix}.{k}' if prefix else str(k)
-      if k not in a:
-        out.append(f'{key}: absent vs {b[k]!r}')
-      elif k not in b:
-        out.append(f'{key}: {a[k]!r} vs absent')
-      else:
-        out.extend(_differences(a[k], b[k], key))
-    return out
-  return [] if a == b else [f'{prefix or "value"}: {a!r} vs {b!r}']
 
 
 def read_manifest(split: Split, tag: str, root: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -129,6 +135,11 @@ def read_manifest(split: Split, tag: str, root: str | os.PathLike | None = None)
     manifest = json.loads(path.read_text(encoding='utf-8'))
   except (OSError, ValueError) as e:
     raise SidecarError(f'{path}: unreadable manifest ({e}); delete it and recompute') from e
+  if isinstance(manifest, dict) and manifest.get('format') == 1:
+    raise SidecarError(
+      f'{path}: sidecars of format 1 (float32 values, no checksums), written by an older '
+      'puma_jax; recompute them (main job: --config.margins.recompute=True).'
+    )
   if not isinstance(manifest, dict) or manifest.get('format') != FORMAT:
     raise SidecarError(f'{path}: not a format-{FORMAT} sidecar manifest; delete it and recompute')
   return manifest
@@ -146,7 +157,9 @@ def check_manifest(
   Raises:
     SidecarError: naming the manifest and what differs.
   """
-  expected = _manifest_for(split, manifest.get('tag', ''), manifest.get('settings', {}))
+  expected = _manifest_for(
+    split, manifest.get('tag', ''), manifest.get('settings', {}), manifest.get('dtype')
+  )
   for key, what in (
     ('dataset', 'dataset'),
     ('split', 'split'),
@@ -160,13 +173,13 @@ def check_manifest(
         'or the sidecars belong to another dataset. Recompute them.'
       )
   if expected_settings is not None:
-    diff = _differences(manifest.get('settings'), _normalise(expected_settings))
-    if diff:
-      raise SidecarError(
-        f'{path}: sidecars were computed with other settings (saved vs expected): '
-        + '; '.join(diff)
-        + '. Recompute them, or use the settings they were computed with.'
-      )
+    artifacts.check_same(
+      manifest.get('settings'),
+      _normalise(expected_settings),
+      what=f'{path}: the sidecars',
+      fix='Recompute them, or use the settings they were computed with.',
+      error=SidecarError,
+    )
 
 
 def write_manifest(
@@ -174,6 +187,7 @@ def write_manifest(
   tag: str,
   settings: dict[str, Any],
   *,
+  dtype: Any = np.float32,
   root: str | os.PathLike | None = None,
   overwrite: bool = False,
 ) -> dict[str, Any]:
@@ -183,6 +197,7 @@ def write_manifest(
     split: the split the sidecars describe.
     tag: sidecar name, e.g. 'margins'.
     settings: JSON-able description of how the values are computed.
+    dtype: the values' dtype (every shard is stored in it).
     root: sidecar root (None: beside the shards).
     overwrite: replace a different manifest, deleting the sidecars written under it.
 
@@ -194,12 +209,14 @@ def write_manifest(
       `overwrite` is False.
   """
   path = manifest_path(split, tag, root)
-  new = _manifest_for(split, tag, settings)
+  new = _manifest_for(split, tag, settings, dtype)
   stale = [p for k in range(split.num_shards) if (p := sidecar_path(split, tag, k, root)).exists()]
   if path.exists():
     try:
       old = read_manifest(split, tag, root)
       check_manifest(old, split, settings, path=path)
+      if old['dtype'] != new['dtype']:
+        raise SidecarError(f'{path}: holds {old["dtype"]} values, expected {new["dtype"]}')
       return old
     except SidecarError as e:
       if not overwrite:
@@ -211,7 +228,8 @@ def write_manifest(
     )
   for p in stale:
     p.unlink()
-  fileio.write_json(path, new)
+    checksum_path(p).unlink(missing_ok=True)
+  artifacts.write_json(path, new)
   return new
 
 
@@ -221,8 +239,19 @@ def write_shard(
   shard_id: int,
   values: np.ndarray,
   root: str | os.PathLike | None = None,
+  *,
+  dtype: Any = None,
 ) -> Path:
-  """Atomically writes the values of one shard (f32[shard length], in shard order)."""
+  """Atomically writes the values of one shard ([shard length], in shard order), then its checksum.
+
+  The values are stored in the manifest's dtype (write the manifest first), or
+  in `dtype` when the caller knows it (this saves reading the manifest per shard).
+
+  Raises:
+    SidecarError: no manifest, or the folder cannot be written (e.g. a read-only
+      data_dir: the message says to set a writable sidecar root).
+    ValueError: values of the wrong shape, or that the dtype cannot hold exactly.
+  """
   values = np.asarray(values)
   n = split.shard_lengths[shard_id]
   if values.shape != (n,):
@@ -230,9 +259,23 @@ def write_shard(
       f'{split.name}:{split.split} shard {shard_id} has {n} examples; got values of shape '
       f'{values.shape}'
     )
-  if not (np.issubdtype(values.dtype, np.floating) or np.issubdtype(values.dtype, np.integer)):
-    raise ValueError(f'sidecar values must be numbers, got dtype {values.dtype}')
-  return fileio.save_npy(sidecar_path(split, tag, shard_id, root), values.astype(np.float32))
+  dtype = np.dtype(read_manifest(split, tag, root)['dtype'] if dtype is None else dtype)
+  if not np.can_cast(values.dtype, dtype, 'same_kind'):
+    raise ValueError(f'{tag} sidecars hold {dtype}; got values of dtype {values.dtype}')
+  path = sidecar_path(split, tag, shard_id, root)
+  buf = io.BytesIO()
+  np.save(buf, values.astype(dtype), allow_pickle=False)
+  data = buf.getvalue()
+  try:
+    checksum_path(path).unlink(missing_ok=True)
+    artifacts.write_bytes(path, data)
+    artifacts.write_text(checksum_path(path), artifacts.sha256_bytes(data) + '\n')
+  except OSError as e:
+    raise SidecarError(
+      f'{path}: cannot write the sidecar ({e}). If the data directory is read-only, write '
+      'sidecars elsewhere (main job: --config.data.sidecar_dir=<a writable folder>).'
+    ) from e
+  return path
 
 
 def _header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
@@ -245,26 +288,28 @@ def _header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
     return tuple(shape), np.dtype(dtype), f.tell()
 
 
-def _check_sidecar(split: Split, shard_id: int, path: Path) -> None:
-  """Raises SidecarError unless `path` is a complete f32[shard length] .npy."""
+def _check_sidecar(split: Split, shard_id: int, path: Path, dtype: np.dtype) -> None:
+  """Raises SidecarError unless `path` is a complete dtype[shard length] .npy with a checksum."""
   n = split.shard_lengths[shard_id]
   if not path.exists():
     raise SidecarError(f'{path}: missing sidecar of shard {shard_id} ({n} examples)')
   try:
-    shape, dtype, offset = _header(path)
+    shape, saved_dtype, offset = _header(path)
   except (ValueError, OSError, EOFError) as e:
     raise SidecarError(f'{path}: not a valid .npy ({e}); delete it and recompute') from e
-  if shape != (n,) or dtype != np.float32:
+  if shape != (n,) or saved_dtype != dtype:
     raise SidecarError(
-      f'{path}: holds {dtype}{list(shape)}, expected float32[{n}] (the length of shard '
+      f'{path}: holds {saved_dtype}{list(shape)}, expected {dtype}[{n}] (the length of shard '
       f'{split.shard_paths[shard_id].name}); delete it and recompute'
     )
   size = path.stat().st_size
-  if size != offset + 4 * n:
+  if size != offset + dtype.itemsize * n:
     raise SidecarError(
-      f'{path}: {size} bytes, expected {offset + 4 * n}; the file is truncated or corrupt. '
-      'Delete it and recompute.'
+      f'{path}: {size} bytes, expected {offset + dtype.itemsize * n}; the file is truncated or '
+      'corrupt. Delete it and recompute.'
     )
+  if not checksum_path(path).exists():
+    raise SidecarError(f'{checksum_path(path)}: missing (an interrupted write); recompute')
 
 
 def is_complete(
@@ -272,15 +317,44 @@ def is_complete(
 ) -> bool:
   """True if shard `shard_id` has a complete sidecar under a manifest matching the dataset.
 
-  Reads only the manifest and the sidecar's header and size, so it is cheap
-  enough to call for every shard of an ImageNet-21K-sized split.
+  Reads only the manifest, the sidecar's header and size and whether its
+  checksum file exists, so it is cheap enough to call for every shard of an
+  ImageNet-21K-sized split. `load_shard` verifies the content.
   """
+  return shard_id not in missing_shards(split, tag, root, shard_ids=[shard_id])
+
+
+def load_shard(
+  split: Split,
+  tag: str,
+  shard_id: int,
+  root: str | os.PathLike | None = None,
+  *,
+  dtype: Any = None,
+) -> np.ndarray:
+  """The values of one shard ([shard length], the manifest's dtype), checked against its checksum.
+
+  Checks the sidecar's header and size, not the manifest (see `load`); give the
+  manifest's `dtype` when known, to save reading the manifest per shard.
+
+  Raises:
+    SidecarError: missing, truncated or wrong-length sidecar or checksum file.
+    SidecarDamagedError: content that differs from its checksum (naming the file).
+  """
+  dtype = np.dtype(read_manifest(split, tag, root)['dtype'] if dtype is None else dtype)
+  path = sidecar_path(split, tag, shard_id, root)
+  _check_sidecar(split, shard_id, path, dtype)
   try:
-    check_manifest(read_manifest(split, tag, root), split, path=manifest_path(split, tag, root))
-    _check_sidecar(split, shard_id, sidecar_path(split, tag, shard_id, root))
-  except SidecarError:
-    return False
-  return True
+    data = path.read_bytes()
+    recorded = checksum_path(path).read_text().strip()
+  except OSError as e:
+    raise SidecarError(f'{path}: unreadable ({e}); delete it and recompute') from e
+  if artifacts.sha256_bytes(data) != recorded:
+    raise SidecarDamagedError(
+      f'{path}: its content differs from the checksum recorded when it was written (the file '
+      'is damaged); recompute it.'
+    )
+  return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def load(
@@ -289,36 +363,47 @@ def load(
   expected_settings: dict[str, Any] | None = None,
   root: str | os.PathLike | None = None,
 ) -> np.ndarray:
-  """All values of `tag` for `split`: f32[N] in global order.
+  """All values of `tag` for `split`: [N] in global order, in the manifest's dtype.
 
   Raises:
     SidecarError: missing/corrupt manifest; a manifest that disagrees with the
       dataset (shards, labels) or with `expected_settings`; a missing, truncated
       or wrong-length sidecar. The message names the file.
+    SidecarDamagedError: a sidecar whose content differs from its checksum.
   """
   mpath = manifest_path(split, tag, root)
-  check_manifest(read_manifest(split, tag, root), split, expected_settings, path=mpath)
-  out = np.empty(split.num_examples, np.float32)
+  manifest = read_manifest(split, tag, root)
+  check_manifest(manifest, split, expected_settings, path=mpath)
+  out = np.empty(split.num_examples, np.dtype(manifest['dtype']))
   for k, offset in enumerate(split.shard_offsets):
-    path = sidecar_path(split, tag, k, root)
-    _check_sidecar(split, k, path)
-    try:
-      out[offset : offset + split.shard_lengths[k]] = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
-      raise SidecarError(f'{path}: unreadable ({e}); delete it and recompute') from e
+    out[offset : offset + split.shard_lengths[k]] = load_shard(
+      split, tag, k, root, dtype=manifest['dtype']
+    )
   return out
 
 
-def missing_shards(split: Split, tag: str, root: str | os.PathLike | None = None) -> list[int]:
-  """Shard ids whose sidecar is not complete (all of them if the manifest is missing or stale)."""
+def missing_shards(
+  split: Split,
+  tag: str,
+  root: str | os.PathLike | None = None,
+  *,
+  shard_ids: list[int] | None = None,
+) -> list[int]:
+  """Shard ids (of `shard_ids`, default all) whose sidecar is not complete.
+
+  All of them if the manifest is missing or stale. Cheap: content is not read.
+  """
+  shard_ids = list(range(split.num_shards)) if shard_ids is None else shard_ids
   try:
-    check_manifest(read_manifest(split, tag, root), split, path=manifest_path(split, tag, root))
+    manifest = read_manifest(split, tag, root)
+    check_manifest(manifest, split, path=manifest_path(split, tag, root))
   except SidecarError:
-    return list(range(split.num_shards))
+    return shard_ids
+  dtype = np.dtype(manifest['dtype'])
   missing = []
-  for k in range(split.num_shards):
+  for k in shard_ids:
     try:
-      _check_sidecar(split, k, sidecar_path(split, tag, k, root))
+      _check_sidecar(split, k, sidecar_path(split, tag, k, root), dtype)
     except SidecarError:
       missing.append(k)
   return missing

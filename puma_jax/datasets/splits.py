@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from puma_jax.datasets import fileio
+from puma_jax import artifacts
 from puma_jax.datasets.errors import DataError
 
 SOURCE_IDS = {'real': 0, 'generated': 1}
@@ -125,7 +125,7 @@ class Split:
       (source[i]['label'] for i in range(self.num_examples)), np.int32, self.num_examples
     )
     try:
-      fileio.save_npy(path, labels)
+      artifacts.save_npy(path, labels)
     except OSError as e:
       logging.warning('could not cache labels at %s (%s); keeping them in memory', path, e)
     return labels

@@ -20,8 +20,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from puma_jax import progress
-from puma_jax.datasets import builders, fileio, splits
+from puma_jax import artifacts, progress
+from puma_jax.datasets import builders, splits
 from puma_jax.datasets.errors import DataError
 from tools.image_folder import shards
 from tools.image_folder.listing import Settings, check_settings, list_source
@@ -53,7 +53,7 @@ def _check_plan_file(plan: Plan, work: Path) -> None:
   path = work / _PLAN_FILE
   info = {'src': os.fspath(plan.listing.src.resolve()), 'classes_file': plan.settings.classes_file}
   if not path.exists():
-    fileio.write_json(path, {'plan_id': plan.plan_id, 'spec': plan.spec, 'info': info})
+    artifacts.write_json(path, {'plan_id': plan.plan_id, 'spec': plan.spec, 'info': info})
   old = json.loads(path.read_text(encoding='utf-8'))
   if old['plan_id'] == plan.plan_id:
     return
@@ -292,8 +292,8 @@ def _write_dataset(plan: Plan, work: Path, final: Path) -> Path:
     labels, sources = np.concatenate(labels), np.concatenate(sources)
     if not len(labels):
       raise DataError(f'{listing.src}: every image of the {split} split failed to decode')
-    fileio.save_npy(work / f'{name}-{split}{splits.LABELS_SUFFIX}', labels.astype(np.int32))
-    with fileio.atomic_path(work / f'{name}-{split}.files.txt') as tmp:
+    artifacts.save_npy(work / f'{name}-{split}{splits.LABELS_SUFFIX}', labels.astype(np.int32))
+    with artifacts.atomic_path(work / f'{name}-{split}.files.txt') as tmp:
       with open(tmp, 'w', encoding='utf-8', errors='surrogateescape') as f:
         f.writelines(f'{rel}\n' for rel in listing.relpaths(sources))
     counts[split] = np.bincount(labels, minlength=len(listing.classes))
@@ -308,7 +308,7 @@ def _write_dataset(plan: Plan, work: Path, final: Path) -> Path:
   empty = [listing.classes[c] for c in np.flatnonzero(counts['train'] == 0)]
   if empty:
     logging.warning('%d classes have no train images (e.g. %s)', len(empty), empty[:5])
-  fileio.write_json(work / CORRUPT_FILE, corrupt)
+  artifacts.write_json(work / CORRUPT_FILE, corrupt)
   stats = {
     'num_examples': {s: int(c.sum()) for s, c in counts.items()},
     'corrupt_images': len(corrupt),
@@ -318,7 +318,7 @@ def _write_dataset(plan: Plan, work: Path, final: Path) -> Path:
     'classes_without_train_images': empty,
   }
   info = {'src': os.fspath(listing.src.resolve()), 'classes_file': plan.settings.classes_file}
-  fileio.write_json(
+  artifacts.write_json(
     work / CONVERSION_FILE,
     {'plan_id': plan.plan_id, 'spec': plan.spec, 'info': info, 'stats': stats},
   )

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from puma_jax.datasets import builders, fileio
+from puma_jax import artifacts
+from puma_jax.datasets import builders
 from puma_jax.datasets.errors import DataError
 from tools.image_folder.planning import Plan
 
@@ -30,7 +31,7 @@ SYSTEMATIC_FAILURE_MIN_IMAGES = 16
 INSTALL_HINT = "pip install -e '.[imagenet]' (or pip install pillow)"
 SHARD_META_DIR = '_shards'
 _TMP = re.compile(
-  r'^\.(?P<stem>.*)' + re.escape(fileio.TMP_MARKER) + r'\d+-[0-9a-f]{8}(?P<suffix>.*)$'
+  r'^\.(?P<stem>.*)' + re.escape(artifacts.TMP_MARKER) + r'\d+-[0-9a-f]{8}(?P<suffix>.*)$'
 )
 
 
@@ -150,7 +151,7 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
       yield len(labels) - 1, serializer.serialize_example(features.encode_example(example))
 
   writer = writer_lib.ExampleWriter(file_format=file_adapters.FileFormat.ARRAY_RECORD)
-  with fileio.atomic_path(task.path) as tmp:
+  with artifacts.atomic_path(task.path) as tmp:
     writer.write(tmp, examples())
     with open(tmp, 'rb') as f:
       os.fsync(f.fileno())  # On disk before it is renamed and recorded as complete.
@@ -163,7 +164,7 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
     'corrupt': corrupt,
     'seconds': time.perf_counter() - t0,
   }
-  with fileio.atomic_path(task.meta_path) as tmp:
+  with artifacts.atomic_path(task.meta_path) as tmp:
     with open(tmp, 'wb') as f:
       np.savez(
         f,
