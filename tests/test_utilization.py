@@ -118,3 +118,19 @@ def test_train_loop_logs_examples_per_second_and_mfu(prepared, tmp_path, monkeyp
   assert len(progress) == 2 and all('MFU' in m for m in progress)  # after steps 2 and 4
   rows = [line for line in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
   assert rows and not any('mfu' in r or 'examples_per_s' in r for r in rows)
+
+
+def test_xla_cost_analysis_counts_a_loop_body_once():
+  """Why step FLOPs are F x passes: the compiled step's cost analysis ignores trip counts.
+
+  If this fails, XLA counts loops properly and the compiled train step's own cost analysis
+  can replace `train_step_passes`.
+  """
+  x = jax.numpy.ones((64, 64))
+
+  def flops(n):
+    loop = jax.jit(lambda x: jax.lax.fori_loop(0, n, lambda i, a: jax.numpy.tanh(a @ x), x))
+    cost = loop.lower(x).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list | tuple) else cost)['flops']
+
+  assert flops(10) < 2 * flops(2)  # ten matmuls counted like two (one loop body)
