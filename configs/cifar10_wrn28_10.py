@@ -53,7 +53,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.name = 'wrn'
   c.model.num_classes = 100 if cifar100 else 10
-  c.model.dtype = 'float32'  # bfloat16 for speed on TPU / recent GPUs.
+  # bfloat16 convs / matmuls (params, optimiser state, EMA, BN statistics, logits and the
+  # attacks stay float32; docs/accelerators.md): TPUs and H100/A100 run bf16 matmuls at
+  # several times the f32 rate, and this recipe is compute-bound there. XLA:CPU has no
+  # fast bf16 convs: for a CPU run pass --config.model.dtype=float32.
+  c.model.dtype = 'bfloat16'
+  c.model.cpu_kernels = True  # Only affects programs lowered for CPU (models/layers.py).
   c.model.depth = 28
   c.model.width = 10
   c.model.activation = 'swish'
@@ -113,5 +118,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config_base.shrink_for_tests(c)
     c.model.depth = 10
     c.model.width = 1
+    c.model.dtype = 'float32'  # The tests run on CPU.
     c.data.generated.num_shards = 2
   return c

@@ -46,7 +46,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.name = 'preact_resnet18'
   c.model.num_classes = 19_167 if full else 100
+  # bfloat16 convs / matmuls on TPU / GPU (params, optimiser state, EMA, BN statistics,
+  # logits and the attacks stay float32; docs/accelerators.md): several times the f32
+  # matmul rate there. For a CPU run pass --config.model.dtype=float32.
   c.model.dtype = 'bfloat16'
+  c.model.cpu_kernels = True  # Only affects programs lowered for CPU (models/layers.py).
   c.model.mean = (0.485, 0.456, 0.406)
   c.model.std = (0.229, 0.224, 0.225)
 

@@ -56,7 +56,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.name = 'small_cnn'
   c.model.num_classes = 10
-  c.model.dtype = 'float32'  # Compute dtype: float32 | bfloat16. Parameters stay float32.
+  # Compute dtype of convs and matmuls: float32 | bfloat16 (mixed precision: parameters,
+  # optimiser state, EMA, BatchNorm statistics, logits, losses and attacks stay float32).
+  c.model.dtype = 'float32'
+  # Programs lowered for CPU use convs / max-pools with XLA:CPU-fast gradients (custom VJPs,
+  # chunked kernel gradients; puma_jax/models/layers.py). Accelerators always get plain XLA
+  # ops. False: plain ops on CPU too (slower; needed for forward-mode autodiff, jax.jvp).
+  # Parameters and checkpoints are the same either way.
+  c.model.cpu_kernels = True
 
   # The threat model: training attack and PGD evaluation.
   c.attack = ml_collections.ConfigDict()

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from puma_jax import artifacts, checkpointing, models, parallel, steps
+from puma_jax import artifacts, checkpointing, models, parallel, steps, utilization
 from puma_jax.datasets import Prepared, input_pipeline
 from puma_jax.metric_writer import MetricWriter, read_metrics
 from puma_jax.progress import Progress
@@ -132,6 +132,30 @@ def num_train_steps(config: Any, override: int | None = None) -> int:
   return steps_
 
 
+def _step_meter(config, model, state, image_shape, mesh) -> utilization.StepMeter:
+  """The train loop's throughput meter; MFU only on a device kind with a known peak."""
+  kind = mesh.devices.flat[0].device_kind
+  peak, flops = utilization.peak_flops(kind), None
+  if peak is not None:
+    try:
+      forward = utilization.forward_flops(
+        model, state.variables(), image_shape, config.train.batch_size
+      )
+      flops = forward * utilization.train_step_passes(config.train.loss, config.attack.num_steps)
+      logging.info(
+        'MFU: %.3g model FLOPs per step over %d x %s at %.0f TFLOP/s (bf16 dense peak)',
+        flops,
+        mesh.size,
+        kind,
+        peak / 1e12,
+      )
+    except ValueError as e:
+      logging.warning('MFU not reported: %s', e)
+  else:
+    logging.info('MFU not reported: no peak FLOP/s known for device kind %r', kind)
+  return utilization.StepMeter(config.train.batch_size, mesh.size, flops, peak)
+
+
 def _mean_metrics(history: list[Mapping[str, jax.Array]]) -> dict[str, float]:
   host = jax.device_get(history)
   out = {k: float(np.mean([h[k] for h in host])) for k in host[0]}
@@ -220,6 +244,7 @@ def train_and_evaluate(
 
   jit_train_step = make_jit_train_step(config, model, tx, schedule, mesh)
   jit_eval_step = make_jit_eval_step(config, model, mesh)
+  meter = _step_meter(config, model, state, prepared.real_train.image_shape, mesh)
 
   def evaluate(step: int) -> dict[str, float]:
     result = evaluate_pgd(
@@ -263,7 +288,13 @@ def train_and_evaluate(
         'then rerun to resume from that checkpoint.'
       )
     writer.write_scalars(step, {f'train/{k}': v for k, v in means.items()})
-    progress.update(0, extra=f'loss {means["loss"]:.4f}', force=True)
+    extra = f'loss {means["loss"]:.4f}'
+    rates = meter.read()  # timings stay out of metrics.jsonl: reruns must write the same rows
+    if rates:
+      extra += f', {rates["examples_per_s_per_device"]:.1f} examples/s per device'
+      if 'mfu' in rates:
+        extra += f', MFU {100 * rates["mfu"]:.1f}%'
+    progress.update(0, extra=extra, force=True)
 
   result: dict[str, float] = {}
   try:
@@ -271,6 +302,11 @@ def train_and_evaluate(
       batch = input_pipeline.device_fields(next(train_iter), input_pipeline.TRAIN_FIELDS)
       batch = parallel.shard_batch(batch, mesh)
       state, metrics = jit_train_step(state, batch, train_rng)
+      if step == start + 1:  # the meter's windows leave out the compilation
+        jax.block_until_ready(metrics)
+        meter.start()
+      else:
+        meter.step()
       history.append(metrics)
       progress.update(1)
       if step % train_cfg.log_every_steps == 0 or step == total:
@@ -280,6 +316,7 @@ def train_and_evaluate(
         save(step)
       if step % train_cfg.eval_every_steps == 0 or step == total:
         result = evaluate(step)
+        meter.start()
       if on_step is not None:
         on_step(step, state)
     if start >= total:

@@ -8,7 +8,7 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
 from puma_jax import models
-from puma_jax.models import layers, wide_resnet
+from puma_jax.models import wide_resnet
 
 # A tiny WRN-16-1: group 0 has identity shortcuts (16 -> 16 channels), groups 1 and
 # 2 open with a strided 1x1 projection and continue with identity blocks.
@@ -230,30 +230,34 @@ def test_bad_fields_name_the_config_field():
       model.init(jax.random.key(0), x, train=False)
 
 
-def test_convs_run_through_layers_conv_with_jax_gradients(torch_weights, monkeypatch):
-  """Every conv is a `layers.conv2d` (custom VJP), and the gradients equal JAX's own rules."""
+def test_convs_run_through_layers_conv_with_jax_gradients(torch_weights):
+  """Every conv is a `layers.conv2d` (the CPU form, a custom VJP, chosen per platform), and
+  the gradients equal JAX's own rules (the same model with `cpu_kernels=False`)."""
   model = models.create('wrn', num_classes=NUM_CLASSES, depth=DEPTH, width=WIDTH)
+  plain = models.create('wrn', num_classes=NUM_CLASSES, depth=DEPTH, width=WIDTH, cpu_kernels=False)
   variables = jax.tree.map(jnp.asarray, wide_resnet.convert_torch_state_dict(torch_weights))
   x = jnp.asarray(np.random.default_rng(4).uniform(0, 1, (3, 16, 16, 3)), jnp.float32)
 
-  def loss(params, x):
-    logits, _ = model.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'])
-    return jnp.sum(jnp.sin(logits))
+  def make_loss(model):
+    def loss(params, x):
+      logits, _ = model.apply(
+        {**variables, 'params': params}, x, train=True, mutable=['batch_stats']
+      )
+      return jnp.sum(jnp.sin(logits))
 
+    return loss
+
+  loss = make_loss(model)
   jaxpr = jax.make_jaxpr(loss)(variables['params'], x).jaxpr
   top_level = [e for e in jaxpr.eqns if e.primitive.name == 'conv_general_dilated']
-  nested = [e for e in _all_eqns(jaxpr) if e.primitive.name == 'conv_general_dilated']
-  assert not top_level and len(nested) == 3 * (DEPTH - 4) // 6 * 2 + 1 + 2  # + stem, shortcuts
+  switches = [e for e in jaxpr.eqns if e.primitive.name == 'cond']
+  custom = [e for e in _all_eqns(jaxpr) if e.primitive.name == 'custom_vjp_call']
+  num_convs = 3 * (DEPTH - 4) // 6 * 2 + 1 + 2  # + stem, shortcuts
+  assert not top_level and len(switches) == len(custom) == num_convs
   grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(variables['params'], x)
-
-  # The same network with plain lax convolutions, differentiated by JAX.
-  monkeypatch.setattr(
-    layers,
-    'conv2d',
-    lambda x, k, strides, padding: jax.lax.conv_general_dilated(
-      x, k, strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC')
-    ),
-  )
+  plain_jaxpr = jax.make_jaxpr(make_loss(plain))(variables['params'], x).jaxpr
+  assert not any(e.primitive.name in ('cond', 'custom_vjp_call') for e in plain_jaxpr.eqns)
+  loss = make_loss(plain)
   want = jax.jit(jax.grad(loss, argnums=(0, 1)))(variables['params'], x)
   for (path, got), ref in zip(jax.tree.leaves_with_path(grads), jax.tree.leaves(want), strict=True):
     scale = float(jnp.max(jnp.abs(ref))) + 1e-6

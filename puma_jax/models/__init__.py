@@ -58,7 +58,12 @@ def _lookup(name: str):
 
 
 def create(name: str, *, num_classes: int, dtype: str = 'float32', **kwargs: Any) -> nn.Module:
-  """Builds the registered model `name`; `dtype` is the compute dtype (params stay float32)."""
+  """Builds the registered model `name`; `dtype` is the compute dtype (params stay float32).
+
+  Every model also takes `cpu_kernels` (config field `model.cpu_kernels`, default True):
+  XLA:CPU-fast conv / max-pool gradients in programs lowered for CPU (`layers`); it
+  changes no parameter. `kwargs` are the model's other fields.
+  """
   cls = _lookup(name)[0]
   if dtype not in DTYPES:
     raise ValueError(f'unknown dtype {dtype!r} (config field model.dtype); known: {sorted(DTYPES)}')

@@ -1,35 +1,46 @@
-"""Layers with fast gradients on XLA:CPU, inside loops too: a 2-D conv and a 2x2 max-pool.
+"""A 2-D conv and a 2x2 max-pool: plain XLA ops on accelerators, fast-gradient forms on XLA:CPU.
 
-Attacks differentiate the model with respect to its input inside `lax.while_loop`
-and `lax.fori_loop` (DeepFool, PGD, TRADES). There, XLA's CPU backend folds the
-flip and transpose of the kernel in a conv's input gradient into the conv's
-dimension numbers (kernel layout 'OI'), which its fast conv library (YNNPACK) does
-not take, so the input gradient falls back to a generic conv that ran 2-3x slower
-on the benchmark CPU than the same conv outside a loop. `conv2d` computes its input
-gradient as an ordinary conv with an explicitly flipped and transposed kernel (an
-optimisation barrier keeps XLA from folding it back), which keeps the library
-path everywhere. Numerically it is the same convolution as JAX's rule; on
-accelerators it costs the same.
+On TPUs and GPUs (and everywhere with `cpu_kernels=False`) `conv2d` is
+`lax.conv_general_dilated` and `max_pool_2x2` is a `lax.reduce_window` max, both
+differentiated by JAX's own rules: the lowered program holds no optimisation
+barrier, no chunk loop and no custom VJP, and forward mode (`jax.jvp`) works.
+With `cpu_kernels=True` (config field `model.cpu_kernels`, the default) the CPU
+workarounds below replace them when, and only when, the program is lowered for
+CPU: the choice is `lax.platform_dependent`, made at lowering, so a program
+exported for TPU or CUDA from a CPU host contains only the plain ops. The
+values are the same on every path; the parameters are the same.
 
-The kernel gradient (training's backward pass) is JAX's rule on accelerators. On
-CPU, JAX's rule, one conv that contracts over the whole batch with an image-sized
-window, ran at a third of the forward conv's speed on the benchmark CPU; `conv2d`
-sums the same conv over chunks of the batch in a loop instead (about 256 output
-positions per chunk), and writes a 1x1 kernel's gradient as a matrix product,
-which brings it to the forward conv's speed (`_kernel_grad_cpu`). With the batch
-split over several devices, that loop runs on each device's own examples and the
-devices' sums are added (`parallel.sum_over_batch_shards`, inside
-`parallel.with_mesh`, which the train step uses); XLA's partitioner would
-otherwise gather the whole batch on every device for the loop. The choice is
-made when the program is lowered for its platform (`lax.platform_dependent`). When
-only the input gradient is used (attacks), the kernel gradient is never computed.
+The CPU workarounds. Attacks differentiate the model with respect to its input
+inside `lax.while_loop` and `lax.fori_loop` (DeepFool, PGD, TRADES). There,
+XLA's CPU backend folds the flip and transpose of the kernel in a conv's input
+gradient into the conv's dimension numbers (kernel layout 'OI'), which its fast
+conv library (YNNPACK) does not take, so the input gradient falls back to a
+generic conv that ran 2-3x slower on the benchmark CPU than the same conv
+outside a loop. The CPU conv computes its input gradient as an ordinary conv
+with an explicitly flipped and transposed kernel (an optimisation barrier keeps
+XLA from folding it back), which keeps the library path everywhere.
+Numerically it is the same convolution as JAX's rule.
 
-`max_pool_2x2` routes each window's cotangent to its first maximal element with
-compares and selects, which fuse into elementwise code, instead of XLA's
+Its kernel gradient (training's backward pass): JAX's rule, one conv that
+contracts over the whole batch with an image-sized window, ran at a third of the
+forward conv's speed on the benchmark CPU; the CPU conv sums the same conv over
+chunks of the batch in a loop instead (about 256 output positions per chunk),
+and writes a 1x1 kernel's gradient as a matrix product, which brings it to the
+forward conv's speed (`_kernel_grad_cpu`). With the batch split over several
+devices, that loop runs on each device's own examples and the devices' sums are
+added (`parallel.sum_over_batch_shards`, inside `parallel.with_mesh`, which the
+train step uses); XLA's partitioner would otherwise gather the whole batch on
+every device for the loop. When only the input gradient is used (attacks), the
+kernel gradient is never computed.
+
+The CPU max-pool routes each window's cotangent to its first maximal element
+with compares and selects, which fuse into elementwise code, instead of XLA's
 select-and-scatter.
 
-Both use `jax.custom_vjp`: reverse-mode (grad, vjp, jacrev) works, forward-mode
-(jvp, jacfwd) does not.
+Both CPU forms use `jax.custom_vjp`: reverse mode (grad, vjp, jacrev) works,
+forward mode (jvp, jacfwd) does not. `platform_dependent` traces every branch,
+so with `cpu_kernels=True` forward mode fails on every platform; set
+`cpu_kernels=False` for it.
 """
 
 import functools
@@ -59,9 +70,12 @@ def _conv(x, kernel, strides, padding, lhs_dilation=(1, 1)):
   )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv2d(
-  x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding
+  x: jax.Array,
+  kernel: jax.Array,
+  strides: tuple[int, int],
+  padding: Padding,
+  cpu_kernels: bool = True,
 ) -> jax.Array:
   """NHWC x HWIO 2-D convolution with explicit padding ((top, bottom), (left, right)).
 
@@ -70,10 +84,24 @@ def conv2d(
     kernel: [kh,kw,Cin,Cout] weights.
     strides: (sh, sw).
     padding: ((top, bottom), (left, right)) zero padding.
+    cpu_kernels: lowered for CPU, use `conv2d_cpu` (see the module docstring);
+      False: `lax.conv_general_dilated` with JAX's rules on every platform.
 
   Returns:
     [B,Ho,Wo,Cout] outputs, the same as `lax.conv_general_dilated`.
   """
+  plain = functools.partial(_conv, strides=strides, padding=padding)
+  if not cpu_kernels:
+    return plain(x, kernel)
+  cpu = lambda x, kernel: conv2d_cpu(x, kernel, strides, padding)
+  return jax.lax.platform_dependent(x, kernel, cpu=cpu, default=plain)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d_cpu(
+  x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding
+) -> jax.Array:
+  """`conv2d`'s XLA:CPU form: the same values, input and kernel gradients fast on XLA:CPU."""
   return _conv(x, kernel, strides, padding)
 
 
@@ -87,19 +115,8 @@ def _conv2d_bwd(strides, padding, res, g):
     dx = _input_grad_stride1(g, kernel, x.shape[1:3], padding)
   else:
     dx = _input_grad_strided(g, kernel, x.shape[1:3], strides, padding)
-  dkernel = jax.lax.platform_dependent(
-    x,
-    g,
-    kernel,
-    cpu=functools.partial(_kernel_grad_cpu, strides=strides, padding=padding),
-    default=functools.partial(_kernel_grad_xla, strides=strides, padding=padding),
-  )
+  dkernel = _kernel_grad_cpu(x, g, kernel, strides=strides, padding=padding)
   return dx.astype(x.dtype), dkernel
-
-
-def _kernel_grad_xla(x, g, kernel, *, strides, padding):
-  """d(conv)/d(kernel) by JAX's own rule (accelerators)."""
-  return jax.vjp(lambda k: _conv(x, k, strides, padding), kernel)[1](g)[0]
 
 
 # Output positions (batch x Ho x Wo) per chunk of the CPU kernel gradient. On the benchmark
@@ -228,14 +245,15 @@ def _phases(n, k, s, pad_lo, len_g):
   return out
 
 
-conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+conv2d_cpu.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
 class Conv(nn.Module):
-  """`nn.Conv` for NHWC inputs with explicit padding and the loop-friendly `conv2d`.
+  """`nn.Conv` for NHWC inputs with explicit padding, computed by `conv2d`.
 
   Parameters have nn.Conv's names and shapes (`kernel` [kh,kw,Cin,Cout], `bias`
-  [Cout]) and stay float32; the computation runs in `dtype`.
+  [Cout]) and stay float32; the computation runs in `dtype`. `cpu_kernels`: the
+  XLA:CPU form when lowered for CPU (see `conv2d`); it changes no parameter.
   """
 
   features: int
@@ -246,25 +264,43 @@ class Conv(nn.Module):
   dtype: Any = jnp.float32
   kernel_init: Callable[..., jax.Array] = nn.initializers.lecun_normal()
   bias_init: Callable[..., jax.Array] = nn.initializers.zeros
+  cpu_kernels: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     shape = (*self.kernel_size, x.shape[-1], self.features)
     kernel = self.param('kernel', self.kernel_init, shape, jnp.float32)
     padding = tuple(tuple(int(p) for p in pair) for pair in self.padding)
-    y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), tuple(self.strides), padding)
+    y = conv2d(
+      x.astype(self.dtype),
+      kernel.astype(self.dtype),
+      tuple(self.strides),
+      padding,
+      cpu_kernels=self.cpu_kernels,
+    )
     if self.use_bias:
       y = y + self.param('bias', self.bias_init, (self.features,), jnp.float32).astype(self.dtype)
     return y
 
 
-@jax.custom_vjp
-def max_pool_2x2(x: jax.Array) -> jax.Array:
+def max_pool_2x2(x: jax.Array, cpu_kernels: bool = True) -> jax.Array:
   """2x2 max-pool with stride 2 (VALID) over the H and W axes of `x` [B,H,W,C].
 
-  Same values as `nn.max_pool(x, (2, 2), strides=(2, 2))`. The VJP routes each
-  window's cotangent to the window's first maximal element in row-major order
-  (as PyTorch does).
+  `nn.max_pool(x, (2, 2), strides=(2, 2))` (a `reduce_window`, whose VJP is XLA's
+  select-and-scatter); with `cpu_kernels`, lowered for CPU, `max_pool_2x2_cpu`.
+  """
+  plain = functools.partial(nn.max_pool, window_shape=(2, 2), strides=(2, 2))
+  if not cpu_kernels:
+    return plain(x)
+  return jax.lax.platform_dependent(x, cpu=max_pool_2x2_cpu, default=plain)
+
+
+@jax.custom_vjp
+def max_pool_2x2_cpu(x: jax.Array) -> jax.Array:
+  """`max_pool_2x2`'s XLA:CPU form: the same values; a VJP of compares and selects.
+
+  The VJP routes each window's cotangent to the window's first maximal element in
+  row-major order (as PyTorch does).
   """
   return jnp.max(_windows(x), axis=(2, 4))
 
@@ -297,7 +333,7 @@ def _max_pool_2x2_bwd(res, g):
   return (grad.astype(x.dtype),)
 
 
-max_pool_2x2.defvjp(_max_pool_2x2_fwd, _max_pool_2x2_bwd)
+max_pool_2x2_cpu.defvjp(_max_pool_2x2_fwd, _max_pool_2x2_bwd)
 
 
 def normalize(x: jax.Array, mean: Sequence[float] | None, std: Sequence[float] | None) -> jax.Array:

@@ -35,6 +35,7 @@ class PreActBlock(nn.Module):
   planes: int
   stride: int = 1
   dtype: Any = jnp.float32
+  cpu_kernels: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -49,6 +50,7 @@ class PreActBlock(nn.Module):
       use_bias=False,
       dtype=self.dtype,
       kernel_init=_conv_init,
+      cpu_kernels=self.cpu_kernels,
       name=name,
     )
     out = nn.relu(bn('bn1')(x))
@@ -69,6 +71,8 @@ class PreActResNet18(nn.Module):
     width: channels of the first stage (64 is ResNet-18; smaller for quick tests).
     mean, std: optional per-channel input normalisation applied inside the model.
     dtype: compute dtype; parameters stay float32 and logits are float32.
+    cpu_kernels: lowered for CPU, convs with XLA:CPU-fast gradients (`layers`);
+      False: plain XLA convs everywhere (forward-mode autodiff works).
   """
 
   num_classes: int = 10
@@ -76,6 +80,7 @@ class PreActResNet18(nn.Module):
   mean: Sequence[float] | None = None
   std: Sequence[float] | None = None
   dtype: Any = jnp.float32
+  cpu_kernels: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -88,6 +93,7 @@ class PreActResNet18(nn.Module):
       use_bias=False,
       dtype=self.dtype,
       kernel_init=_conv_init,
+      cpu_kernels=self.cpu_kernels,
       name='conv1',
     )(x)
     for i, (planes, stride) in enumerate(_STAGES):
@@ -96,6 +102,7 @@ class PreActResNet18(nn.Module):
           planes * self.width // 64,
           stride if j == 0 else 1,
           dtype=self.dtype,
+          cpu_kernels=self.cpu_kernels,
           name=f'layer{i + 1}_{j}',
         )(x, train)
     x = nn.BatchNorm(

@@ -38,6 +38,8 @@ class SmallCNN(nn.Module):
     kernel_size: conv kernel size (odd); padding keeps the spatial size.
     mean, std: optional per-channel input normalisation applied inside the model.
     dtype: compute dtype; parameters stay float32 and logits are float32.
+    cpu_kernels: lowered for CPU, convs and pools with XLA:CPU-fast gradients
+      (`layers`); False: plain XLA ops everywhere (forward-mode autodiff works).
   """
 
   num_classes: int = 10
@@ -48,6 +50,7 @@ class SmallCNN(nn.Module):
   mean: Sequence[float] | None = None
   std: Sequence[float] | None = None
   dtype: Any = jnp.float32
+  cpu_kernels: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -68,11 +71,12 @@ class SmallCNN(nn.Module):
         (self.kernel_size, self.kernel_size),
         padding=((pad, pad), (pad, pad)),
         dtype=self.dtype,
+        cpu_kernels=self.cpu_kernels,
         name=f'conv{i + 1}',
       )(x)
       x = nn.relu(x)
       if pool:
-        x = layers.max_pool_2x2(x)
+        x = layers.max_pool_2x2(x, self.cpu_kernels)
     x = x.reshape(x.shape[0], -1)  # HWC order; the PyTorch import permutes fc1 from CHW.
     for j, width in enumerate(self.dense_widths):
       x = nn.relu(nn.Dense(width, dtype=self.dtype, name=f'fc{j + 1}')(x))

@@ -67,6 +67,7 @@ class _Block(nn.Module):
   bn_momentum: float
   bn_epsilon: float
   dtype: Any
+  cpu_kernels: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -77,7 +78,13 @@ class _Block(nn.Module):
       epsilon=self.bn_epsilon,
       dtype=self.dtype,
     )
-    conv = functools.partial(layers.Conv, use_bias=False, dtype=self.dtype, kernel_init=_conv_init)
+    conv = functools.partial(
+      layers.Conv,
+      use_bias=False,
+      dtype=self.dtype,
+      kernel_init=_conv_init,
+      cpu_kernels=self.cpu_kernels,
+    )
     if self.stride == 1:
       pad = ((1, 1), (1, 1))
     elif self.stride == 2:
@@ -119,6 +126,8 @@ class WideResNet(nn.Module):
     bn_momentum: BatchNorm running-average decay (PyTorch momentum = 1 - this).
     bn_epsilon: BatchNorm epsilon.
     dtype: compute dtype (float32 or bfloat16); parameters and logits stay float32.
+    cpu_kernels: lowered for CPU, convs with XLA:CPU-fast gradients (`layers`);
+      False: plain XLA convs everywhere (forward-mode autodiff works).
   """
 
   num_classes: int = 10
@@ -130,6 +139,7 @@ class WideResNet(nn.Module):
   bn_momentum: float = 0.99
   bn_epsilon: float = 1e-5
   dtype: Any = jnp.float32
+  cpu_kernels: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -173,6 +183,7 @@ class WideResNet(nn.Module):
       use_bias=False,
       dtype=self.dtype,
       kernel_init=_conv_init,
+      cpu_kernels=self.cpu_kernels,
       name='init_conv',
     )(y)
     for group, channels in enumerate((16 * self.width, 32 * self.width, 64 * self.width)):
@@ -184,6 +195,7 @@ class WideResNet(nn.Module):
           bn_momentum=self.bn_momentum,
           bn_epsilon=self.bn_epsilon,
           dtype=self.dtype,
+          cpu_kernels=self.cpu_kernels,
           name=f'layer_{group}_block_{i}',
         )(y, train)
     y = nn.BatchNorm(
