@@ -58,7 +58,8 @@ _TRAIN_FIELDS = (
   'train.ema_decay',
 )
 STAGE_DEFS = {
-  'prepare': stages.Stage('prepare', _DATA_FIELDS),
+  # Whether a missing archive may be downloaded does not change the data (its sha256 is checked).
+  'prepare': stages.Stage('prepare', _DATA_FIELDS, ignore=('data.real.download',)),
   'margin_model': stages.Stage(
     'margin_model', ('margin_model',) + tuple(f for f in _TRAIN_FIELDS if f != 'train.num_steps')
   ),

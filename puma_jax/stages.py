@@ -24,8 +24,14 @@ __all__ = ['MARKER', 'ConfigMismatchError', 'Stage', 'select_fields']
 MARKER = 'stage.json'
 
 
-def select_fields(config: Mapping[str, Any], fields: Sequence[str]) -> dict[str, Any]:
-  """The config sub-tree of each dotted field name (`'data'`, `'train.batch_size'`)."""
+def select_fields(
+  config: Mapping[str, Any], fields: Sequence[str], ignore: Sequence[str] = ()
+) -> dict[str, Any]:
+  """The config sub-tree of each dotted field name (`'data'`, `'train.batch_size'`).
+
+  `ignore` names dotted fields inside those sub-trees that are left out (settings
+  that do not change the stage's output, such as `data.real.download`).
+  """
   config = artifacts.canonical(config)
   out = {}
   for field in fields:
@@ -33,6 +39,17 @@ def select_fields(config: Mapping[str, Any], fields: Sequence[str]) -> dict[str,
     for part in field.split('.'):
       node = node[part]
     out[field] = node
+  for field in ignore:
+    *parents, leaf = field.split('.')
+    for i in range(len(parents), 0, -1):
+      head, rest = '.'.join(parents[:i]), parents[i:]
+      if head in out:
+        node = out[head]
+        for part in rest:
+          node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+          node.pop(leaf, None)
+        break
   return out
 
 
@@ -42,13 +59,14 @@ class Stage:
 
   name: str
   fields: tuple[str, ...]
+  ignore: tuple[str, ...] = ()
 
   def directory(self, workdir: str | os.PathLike) -> Path:
     return Path(workdir) / self.name
 
   def expected(self, config: Mapping[str, Any], upstream: Mapping[str, str]) -> dict[str, Any]:
     """The marker this stage would write for `config` and the upstream fingerprints."""
-    fields = select_fields(config, self.fields)
+    fields = select_fields(config, self.fields, self.ignore)
     return {
       'stage': self.name,
       'fields': fields,

@@ -50,3 +50,12 @@ def test_corrupt_marker_is_reported(tmp_path):
   (tmp_path / 'prune' / 'stage.json').write_text('{"trunc')
   with pytest.raises(stages.ConfigMismatchError, match='not valid JSON'):
     STAGE.is_complete(tmp_path, _config(), {})
+
+
+def test_ignored_fields_may_change_and_may_be_absent_from_old_markers(tmp_path):
+  stage = stages.Stage('prune', ('prune',), ignore=('prune.download',))
+  stage.mark_complete(tmp_path, _config(), {})  # a marker written before the field existed
+  assert stage.is_complete(tmp_path, _config(download=True), {})
+  assert stage.is_complete(tmp_path, _config(download=False), {})
+  with pytest.raises(stages.ConfigMismatchError, match='prune.fraction'):
+    stage.is_complete(tmp_path, _config(fraction=0.5, download=True), {})
