@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from puma_jax import config_base, parallel
-from puma_jax.attacks import margin_estimators
+from puma_jax.attacks import fab_margin, margin_estimators
 from puma_jax.attacks.deepfool import deepfool
 from puma_jax.attacks.margin_estimators import ESTIMATORS
 from tests import attack_models
@@ -111,8 +111,8 @@ def test_each_result_depends_only_on_its_example(name):
   logits_fn = functools.partial(attack_models.mlp_logits, params)
   x, y = attack_models.synthetic_images(2, 12)
   y[::3] = (y[::3] + 2) % 10
-  kw = dict(FAB, num_steps=5) if name == 'fab' else {}
-  run = functools.partial(_estimate, name, logits_fn, norm='linf', num_candidates=4, clip=(0, 1))
+  kw = dict(num_steps=2, restarts=4) if name == 'fab' else {}
+  run = functools.partial(_estimate, name, logits_fn, norm='l2', num_candidates=4, clip=(0, 1))
   full = run(x, y, **kw)
   perm = np.random.RandomState(0).permutation(12)
   permuted = run(x[perm], y[perm], batch_size=5, **kw)  # other neighbours, chunks of 5
@@ -123,13 +123,54 @@ def test_each_result_depends_only_on_its_example(name):
     np.testing.assert_allclose(np.asarray(a)[:1], b, rtol=1e-5, atol=1e-6)
   # The same per device inside shard_map, as the margin stage runs DeepFool.
   fn = functools.partial(
-    ESTIMATORS[name], logits_fn, norm='linf', num_candidates=4, clip=(0, 1), **kw
+    ESTIMATORS[name], logits_fn, norm='l2', num_candidates=4, clip=(0, 1), **kw
   )
   sharded = jax.jit(
     parallel.per_device(lambda a, b: tuple(fn(a, b)), parallel.make_mesh(), num_batched_args=2)
   )(jnp.asarray(x), jnp.asarray(y))
   for a, b in zip(full, sharded, strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fab_restart_keys_follow_the_pixels_not_the_position():
+  x, _ = attack_models.synthetic_images(3, 6)
+  perm = np.array([3, 0, 5, 1, 4, 2])
+  keys = jax.random.key_data(fab_margin.example_keys(0, x))
+  np.testing.assert_array_equal(
+    np.asarray(keys)[perm], jax.random.key_data(fab_margin.example_keys(0, x[perm]))
+  )
+  assert len({tuple(np.asarray(k).ravel()) for k in keys}) == 6
+  other_seed = jax.random.key_data(fab_margin.example_keys(1, x))
+  assert not np.array_equal(keys, other_seed)
+
+
+def test_more_fab_budget_never_gives_a_larger_margin():
+  """Longer runs and more restarts share the shorter run's steps, and FAB keeps the smallest."""
+  params = attack_models.trained_mlp()
+  logits_fn = functools.partial(attack_models.mlp_logits, params)
+  x, y = attack_models.synthetic_images(4, 24)
+  y[::3] = (y[::3] + 1) % 10
+  run = functools.partial(_estimate, 'fab', logits_fn, x, y, 'l2', 5, clip=(0.0, 1.0))
+  short = np.abs(run(num_steps=4, restarts=1).margin)
+  longer = np.abs(run(num_steps=12, restarts=1).margin)
+  restarted = np.abs(run(num_steps=4, restarts=3).margin)
+  assert (longer <= short).all() and (restarted <= short).all()
+  assert (longer < short).any() and (restarted < short).any()
+
+
+def test_a_flat_model_is_not_converged():
+  """Gradients of zero: nothing can move; first_order says 0, fab says +-inf, both unconverged."""
+  bias = jnp.arange(4.0)
+  logits_fn = lambda v: 0.0 * v.reshape(v.shape[0], -1)[:, :4] + bias
+  x = np.full((3, 4), 0.5, np.float32)
+  y = np.array([3, 1, 0], np.int32)  # correct, misclassified, misclassified
+  for name in ESTIMATORS:
+    res = _estimate(name, logits_fn, x, y, 'linf', 4, clip=(0.0, 1.0))
+    assert not np.asarray(res.converged).any(), name
+  res = _estimate('first_order', logits_fn, x, y, 'linf', 4, clip=(0.0, 1.0))
+  np.testing.assert_array_equal(res.margin, 0.0)
+  res = _estimate('fab', logits_fn, x, y, 'linf', 4, clip=(0.0, 1.0), num_steps=3)
+  np.testing.assert_array_equal(res.margin, [np.inf, -np.inf, -np.inf])
 
 
 def test_settings_from_config_follows_the_config():
