@@ -94,6 +94,17 @@ def get_base_config() -> ml_collections.ConfigDict:
   # that fits suits accelerators. A speed setting: margins do not depend on it.
   c.margins.deepfool_batch_size = 64
   c.margins.recompute = False  # Recompute when the saved manifest disagrees.
+  # deepfool | first_order (one linearisation, no loop) | fab (untargeted FAB's minimum-norm
+  # distance, an upper bound for ablations); see puma_jax/attacks/margin_estimators.py.
+  # deepfool's settings are overshoot and max_iter above; first_order has none.
+  c.margins.estimator = 'deepfool'
+  c.margins.fab = ml_collections.ConfigDict()  # Used by estimator fab only.
+  c.margins.fab.num_steps = 20  # FAB steps per restart.
+  c.margins.fab.restarts = 2  # The first from x, the others from random points near it.
+  c.margins.fab.alpha_max = 0.1  # FAB's bias towards the clean input.
+  c.margins.fab.eta = 1.05  # FAB's overshoot of the projection.
+  c.margins.fab.beta = 0.9  # FAB's pull-back towards the clean input after a success.
+  c.margins.fab.seed = 0  # Restart randomness (folded with each example's pixels).
   # The --dry_run cost estimate (puma_jax.margins.estimate_margin_cost).
   c.margins.estimate = ml_collections.ConfigDict()
   c.margins.estimate.num_examples = 0  # N to project for; 0: the prepared training splits.
