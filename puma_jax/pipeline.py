@@ -43,7 +43,17 @@ _TRAIN_FIELDS = (
   'train.nesterov',
   'train.weight_decay',
   'train.warmup_steps',
+  'train.lr_schedule',
+  'train.steps_per_epoch',
+  'train.pct_start',
+  'train.weight_decay_on',
   'train.ema_decay',
+  'train.ema_warmup_fraction',
+  'train.ema_batch_stats',
+  'train.trades_start',
+  'train.trades_step_size',
+  'train.attack_batchnorm',
+  'train.bn_first_batch',
 )
 STAGE_DEFS = {
   'prepare': stages.Stage('prepare', _DATA_FIELDS),
