@@ -85,6 +85,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.prune.class_balanced = False  # Drop the same fraction within every class.
   # constant: eps | puma: clip(m, -eps, eps) | clip0: clip(m, 0, eps). Used by strategy puma.
   c.prune.eps_rule = 'puma'
+  # A margin whose DeepFool run did not converge (a lower bound): keep_distance (use it) |
+  # infinite (+-inf: pruned first, full eps if kept) | exclude (not trained on). docs/recipe.md.
+  c.prune.unconverged = 'infinite'
 
   # Adversarial training.
   c.train = ml_collections.ConfigDict()

@@ -18,6 +18,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from puma_jax import datasets, margins, models, parallel, pruning, report, stages, train
+from puma_jax.datasets import sidecar
 
 STAGES = ('prepare', 'margin_model', 'margins', 'prune', 'train', 'evaluate', 'report')
 MARGIN_MODEL_SOURCES = ('train', 'checkpoint', 'torch_npz')
@@ -243,6 +244,23 @@ def _load_margins(ctx: Context) -> dict[str, np.ndarray]:
   )
 
 
+def _load_converged(ctx: Context) -> dict[str, np.ndarray]:
+  """Whether DeepFool converged on each example (the margin stage's `_converged` sidecars)."""
+  model, variables = margin_model(ctx)
+  prepared = ctx.prepared()
+  expected = margins.sidecar_settings(
+    model,
+    margins.settings_from_config(ctx.config.margins),
+    fingerprint=margins.model_fingerprint(variables),
+    quantity='converged',
+  )
+  tag = margins.sidecar_tags()['converged']
+  return {
+    name: np.asarray(sidecar.load(split, tag, expected, prepared.sidecar_root)).astype(bool)
+    for name, split in prepared.train_splits.items()
+  }
+
+
 def run_prune(ctx: Context) -> dict[str, Any]:
   cfg = ctx.config
   settings = pruning.settings_from_config(cfg)
@@ -253,6 +271,7 @@ def run_prune(ctx: Context) -> dict[str, Any]:
     settings,
     labels=labels,
     margins=margin_arrays,
+    converged=_load_converged(ctx) if settings.needs_margins else None,
     num_classes=prepared.real_train.num_classes,
     provenance={'margin_stage': ctx.fingerprints.get('margins')},
   )
