@@ -3,9 +3,12 @@
 The recipe of Wang et al. 2023 ("Better Diffusion Models Further Improve
 Adversarial Training", 1M EDM images): WRN-28-10 with Swish, TRADES (beta 5,
 label smoothing 0.1), batch 512 of which 70% generated, SGD with Nesterov
-momentum, lr 0.2 with a cosine schedule and 2.5% warm-up (their `cosinew`),
-weight decay 5e-4, EMA 0.995, L-infinity 8/255 with 10 steps of 2/255 (or L2
-128/255 with 10 steps of 15/255), 400 epochs of 50,000 examples.
+momentum, lr 0.2 with their `cosinew` schedule (OneCycleLR per epoch, 2.5% warm-up,
+cycled momentum), weight decay 5e-4 on all but BatchNorm, EMA 0.995 after 2.5% of
+training with BatchNorm statistics copied each epoch, L-infinity 8/255 with 10
+steps of 2/255 from a uniform start (or L2 128/255 with 10 steps of 2 * eps / 10),
+BatchNorm in batch mode inside the attack, 400 epochs of 50,000 examples. Every
+point and its source line are in docs/recipe.md.
 
 Data the user brings (nothing is downloaded):
   --config.data.real.archive_dir=DIR  holding cifar-10-binary.tar.gz (or cifar-100-binary.tar.gz)
@@ -68,7 +71,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if 'l2' in variants:
     c.attack.norm = 'l2'
     c.attack.eps = 128 / 255
-    c.attack.step_size = 15 / 128  # 15/255 per step.
+    c.attack.step_size = 15 / 128  # 15/255 per step (PGD evaluation).
+    c.train.trades_step_size = 2 / 10  # DM-Improves-AT's TRADES L2 step: 2 * eps / num_steps.
   else:
     c.attack.norm = 'linf'
     c.attack.eps = 8 / 255
@@ -85,8 +89,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.momentum = 0.9
   c.train.nesterov = True
   c.train.weight_decay = 5e-4
-  c.train.warmup_steps = c.train.num_steps // 40
+  c.train.warmup_steps = c.train.num_steps // 40  # Used by lr_schedule=warmup_cosine only.
+  c.train.lr_schedule = 'cosinew'
+  c.train.steps_per_epoch = steps_per_epoch
+  c.train.pct_start = 0.025
+  c.train.weight_decay_on = 'all_but_batchnorm'
   c.train.ema_decay = 0.995
+  c.train.ema_warmup_fraction = 0.025
+  c.train.ema_batch_stats = 'copy_each_epoch'
+  c.train.trades_start = 'normal' if c.attack.norm == 'l2' else 'uniform'
+  c.train.attack_batchnorm = 'batch'
+  c.train.bn_first_batch = True
   c.train.log_every_steps = 100
   c.train.eval_every_steps = 25 * steps_per_epoch
   c.train.checkpoint_every_steps = steps_per_epoch
@@ -119,5 +132,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.depth = 10
     c.model.width = 1
     c.model.dtype = 'float32'  # The tests run on CPU.
+    c.train.steps_per_epoch = 5  # 4 epochs of the per-epoch schedule in 20 steps.
     c.data.generated.num_shards = 2
   return c

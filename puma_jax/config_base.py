@@ -122,6 +122,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.prune.class_balanced = False  # Drop the same fraction within every class.
   # constant: eps | puma: clip(m, -eps, eps) | clip0: clip(m, 0, eps). Used by strategy puma.
   c.prune.eps_rule = 'puma'
+  # A margin whose DeepFool run did not converge (a lower bound): keep_distance (use it) |
+  # infinite (+-inf: pruned first, full eps if kept) | exclude (not trained on). docs/recipe.md.
+  c.prune.unconverged = 'infinite'
 
   # Adversarial training.
   c.train = ml_collections.ConfigDict()
@@ -134,8 +137,34 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.train.momentum = 0.9
   c.train.nesterov = True
   c.train.weight_decay = 5e-4
-  c.train.warmup_steps = 40
+  c.train.warmup_steps = 40  # lr_schedule warmup_cosine: linear warm-up steps from 0.
+  # warmup_cosine (per step: linear warm-up, cosine to 0, fixed momentum) | cosinew
+  # (DM-Improves-AT: PyTorch OneCycleLR stepped once per epoch, cycled momentum 0.95 ->
+  # 0.85 -> 0.95; see puma_jax/schedules.py). docs/recipe.md compares the two.
+  c.train.lr_schedule = 'warmup_cosine'
+  c.train.steps_per_epoch = 0  # Optimiser steps per epoch (cosinew, ema_batch_stats); 0: none.
+  c.train.pct_start = 0.025  # cosinew: share of the epochs spent warming up.
+  c.train.weight_decay_on = 'kernels'  # kernels | all_but_batchnorm (DM-Improves-AT)
   c.train.ema_decay = 0.995
+  # 0: the average ramps from step 0, decay min(ema_decay, (1+t)/(10+t)). f > 0
+  # (DM-Improves-AT: 0.025): a copy of the model for the first f * num_steps steps, then
+  # min(ema_decay, (1+d)/(10+d)), d the steps since.
+  c.train.ema_warmup_fraction = 0.0
+  # average: BatchNorm statistics averaged like the weights | copy_each_epoch: copied from
+  # the model after every steps_per_epoch steps (DM-Improves-AT's update_bn).
+  c.train.ema_batch_stats = 'average'
+  # TRADES' inner maximisation. Start: normal (x + 0.001 N(0,1)) | uniform (x + U(-eps, eps)
+  # clipped to [0, 1], DM-Improves-AT's L-inf start). BatchNorm: running (eval mode) |
+  # batch (train mode, batch statistics, running ones not updated: DM-Improves-AT).
+  c.train.trades_start = 'normal'
+  # TRADES' step relative to eps_i; 0: attack.step_size (which PGD evaluation also uses).
+  # DM-Improves-AT's L2 TRADES steps 2 * eps / num_steps while its PGD evaluation steps 15/255.
+  c.train.trades_step_size = 0.0
+  c.train.attack_batchnorm = 'running'
+  # Step 0 sets BatchNorm running statistics to the batch's (PyTorch momentum 1.0,
+  # DM-Improves-AT); False: they move from (0, 1) by the model's momentum. Needs a model
+  # with `bn_momentum` (wrn); models without BatchNorm ignore it.
+  c.train.bn_first_batch = False
   c.train.log_every_steps = 50
   c.train.eval_every_steps = 400
   c.train.checkpoint_every_steps = 200

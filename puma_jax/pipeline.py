@@ -55,7 +55,17 @@ _TRAIN_FIELDS = (
   'train.nesterov',
   'train.weight_decay',
   'train.warmup_steps',
+  'train.lr_schedule',
+  'train.steps_per_epoch',
+  'train.pct_start',
+  'train.weight_decay_on',
   'train.ema_decay',
+  'train.ema_warmup_fraction',
+  'train.ema_batch_stats',
+  'train.trades_start',
+  'train.trades_step_size',
+  'train.attack_batchnorm',
+  'train.bn_first_batch',
 )
 STAGE_DEFS = {
   # Whether a missing archive may be downloaded does not change the data (its sha256 is checked).
@@ -104,7 +114,7 @@ class Context:
     self.fingerprints: dict[str, str] = {}
     self._prepared: datasets.Prepared | None = None
     self._margin_model: tuple[Any, Any] | None = None
-    self.margins: dict[str, np.ndarray] | None = None  # computed by this run's margin stage
+    self.margin_result: margins.MarginResult | None = None  # this run's margin stage
 
   @property
   def data_dir(self) -> Path:
@@ -240,7 +250,7 @@ def run_margins(ctx: Context) -> dict[str, Any]:
     read_threads=cfg.data.read_threads,
     prefetch_batches=cfg.data.prefetch_batches,
   )
-  ctx.margins = result.margins
+  ctx.margin_result = result
   overall = result.summary['overall']
   return {
     'summary': str(ctx.stage_dir('margins') / 'summary.json'),
@@ -250,16 +260,16 @@ def run_margins(ctx: Context) -> dict[str, Any]:
   }
 
 
-def _load_margins(ctx: Context) -> dict[str, np.ndarray]:
-  """The margins the prune stage ranks: this run's, or the sidecars the margin stage recorded.
+def _load_margins(ctx: Context, quantity: str = 'margin') -> dict[str, np.ndarray]:
+  """A quantity the prune stage reads ('margin' or 'converged'): this run's, or the sidecars.
 
   The margin stage's marker names the margin model's fingerprint; the sidecars
   are checked against it (and the DeepFool settings), so the weights are not
   restored again. Damaged sidecars are recomputed (an error naming the fix
   where their folder is read-only).
   """
-  if ctx.margins is not None:
-    return ctx.margins
+  if ctx.margin_result is not None:
+    return getattr(ctx.margin_result, _RESULT_FIELDS[quantity])
   marker = STAGE_DEFS['margins'].read_marker(ctx.workdir) or {}
   fingerprint = marker.get('outputs', {}).get('model_fingerprint')
   if fingerprint is None:
@@ -276,11 +286,15 @@ def _load_margins(ctx: Context) -> dict[str, np.ndarray]:
       settings=margins.settings_from_config(ctx.config.margins),
       sidecar_root=prepared.sidecar_root,
       fingerprint=fingerprint,
+      quantity=quantity,
     )
   except sidecar.SidecarDamagedError as e:
     logging.warning('%s Recomputing the damaged margin shards.', e)
     run_margins(ctx)  # scores only the shards whose sidecars fail their checksums
-    return ctx.margins
+    return getattr(ctx.margin_result, _RESULT_FIELDS[quantity])
+
+
+_RESULT_FIELDS = {'margin': 'margins', 'converged': 'converged'}
 
 
 def run_prune(ctx: Context) -> dict[str, Any]:
@@ -293,6 +307,7 @@ def run_prune(ctx: Context) -> dict[str, Any]:
     settings,
     labels=labels,
     margins=margin_arrays,
+    converged=_load_margins(ctx, 'converged') if settings.needs_margins else None,
     num_classes=prepared.real_train.num_classes,
     provenance={'margin_stage': ctx.fingerprints.get('margins')},
   )

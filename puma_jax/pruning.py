@@ -26,6 +26,17 @@ kept) or 'joint' (real and generated ranked together); with
 `c.prune.class_balanced` every class of the pool loses the same fraction (class
 quotas by largest remainder, so the total equals the unbalanced one).
 
+Margins that did not converge (`c.prune.unconverged`; DeepFool ran `max_iter`
+steps without flipping the prediction, so its margin is only the distance reached
+so far, a lower bound), used by the strategies that read margins:
+  keep_distance  use the distance reached, as if it were the margin.
+  infinite       the margin is +inf (or -inf for a misclassified example): a correctly
+                 classified one is among the first pruned by 'puma'/'prune_high' and,
+                 if kept, gets the full eps. The default (docs/recipe.md says why).
+  exclude        the example is removed from the training data of every source before
+                 ranking; `fraction` then applies to the rest of the pool.
+`stats['unconverged']` counts them per source.
+
 Ties are broken by a stable sort on (margin, source, index): among equal margins
 the example of the higher (source, index) counts as higher. Sources are 'real'
 (id 0) and 'generated' (id 1); an index is the example's position in its source.
@@ -46,6 +57,7 @@ from puma_jax import artifacts
 SOURCES = ('real', 'generated')  # position = the source id carried by batches
 STRATEGIES = ('none', 'random', 'prune_high', 'prune_low', 'puma')
 EPS_RULES = ('constant', 'puma', 'clip0')
+UNCONVERGED = ('keep_distance', 'infinite', 'exclude')
 SCOPES = ('generated', 'joint')
 MARGIN_STRATEGIES = ('prune_high', 'prune_low', 'puma')
 
@@ -66,6 +78,8 @@ class PruneSettings:
     eps_rule: one of `EPS_RULES`, applied by strategy 'puma' (c.prune.eps_rule).
     eps: the attack radius of the threat model, > 0 (c.attack.eps).
     seed: seed of the 'random' strategy (c.seed).
+    unconverged: one of `UNCONVERGED`, what a margin that did not converge means
+      (c.prune.unconverged).
   """
 
   strategy: str = 'puma'
@@ -75,9 +89,11 @@ class PruneSettings:
   eps_rule: str = 'puma'
   eps: float = 8 / 255
   seed: int = 0
+  unconverged: str = 'infinite'
 
   def __post_init__(self):
     _check_choice(self.strategy, STRATEGIES, 'c.prune.strategy')
+    _check_choice(self.unconverged, UNCONVERGED, 'c.prune.unconverged')
     _check_choice(self.scope, SCOPES, 'c.prune.scope')
     _check_choice(self.eps_rule, EPS_RULES, 'c.prune.eps_rule')
     if isinstance(self.fraction, bool) or not isinstance(self.fraction, int | float):
@@ -118,6 +134,7 @@ def settings_from_config(config: Any) -> PruneSettings:
     eps_rule=p.eps_rule,
     eps=config.attack.eps,
     seed=config.seed,
+    unconverged=p.unconverged,
   )
 
 
@@ -231,6 +248,7 @@ def select(
   *,
   labels: Mapping[str, np.ndarray],
   margins: Mapping[str, np.ndarray] | None = None,
+  converged: Mapping[str, np.ndarray] | None = None,
   num_classes: int | None = None,
   provenance: Mapping[str, Any] | None = None,
 ) -> PruneResult:
@@ -243,6 +261,8 @@ def select(
     margins: source -> f[N_s] signed margins, for every source in `labels`.
       Needed by 'prune_high', 'prune_low' and 'puma'; optional otherwise (then
       used only for statistics).
+    converged: source -> bool[N_s], whether DeepFool converged on each example; the
+      others are treated by `settings.unconverged`. None: all converged.
     num_classes: K; defaults to max label + 1.
     provenance: facts about the inputs to record with the result.
 
@@ -252,7 +272,8 @@ def select(
     (count, mean, quantiles '0' (min) to '1' (max), and the counts `reduced` (< eps), `negative`
     (< 0), `zero` (== 0) and `full` (== eps)) over all kept examples and per
     source, and, with margins, the margin quantiles of kept and pruned
-    examples per source.
+    examples per source, and `unconverged`: the `rule`, and per source the `count` of
+    margins that did not converge and how many were `excluded` (rule 'exclude').
   """
   labels = _check_labels(labels)
   num_examples = {s: len(v) for s, v in labels.items()}
@@ -262,6 +283,13 @@ def select(
   elif max_label >= num_classes:
     raise ValueError(f'labels go up to {max_label} but num_classes is {num_classes}')
   margins = _check_margins(margins, num_examples, required=settings.needs_margins)
+  unconverged = _check_unconverged(converged, num_examples)
+  usable = {s: np.ones(n, bool) for s, n in num_examples.items()}
+  if margins is not None and settings.needs_margins:
+    if settings.unconverged == 'infinite':
+      margins = {s: np.where(unconverged[s], np.copysign(np.inf, m), m) for s, m in margins.items()}
+    elif settings.unconverged == 'exclude':
+      usable = {s: ~unconverged[s] for s in num_examples}
 
   if settings.scope == 'generated':
     pool_sources = ['generated']
@@ -274,17 +302,17 @@ def select(
     pool_sources = list(SOURCES)
   pool_sources = [s for s in pool_sources if num_examples.get(s, 0) > 0]
 
-  keep = {s: np.ones(n, bool) for s, n in num_examples.items()}
+  keep = {s: u.copy() for s, u in usable.items()}
   if settings.strategy != 'none' and settings.fraction > 0 and pool_sources:
     src = np.concatenate(
-      [np.full(num_examples[s], SOURCES.index(s), np.int8) for s in pool_sources]
+      [np.full(int(usable[s].sum()), SOURCES.index(s), np.int8) for s in pool_sources]
     )
-    idx = np.concatenate([np.arange(num_examples[s], dtype=np.int64) for s in pool_sources])
-    cls = np.concatenate([labels[s] for s in pool_sources])
+    idx = np.concatenate([np.flatnonzero(usable[s]).astype(np.int64) for s in pool_sources])
+    cls = np.concatenate([labels[s][usable[s]] for s in pool_sources])
     if settings.strategy == 'random':
       key = np.random.default_rng(settings.seed).random(len(src))
     else:
-      key = np.concatenate([margins[s] for s in pool_sources]).astype(np.float64)
+      key = np.concatenate([margins[s][usable[s]] for s in pool_sources]).astype(np.float64)
     drop = _drop_mask(
       key,
       src,
@@ -303,6 +331,12 @@ def select(
   else:
     eps = {s: compute_eps(margins[s][k], settings.eps, rule) for s, k in kept.items()}
   stats = _statistics(settings, labels, margins, keep, kept, eps, num_classes)
+  stats['unconverged'] = {
+    'rule': settings.unconverged,
+    'count': {s: int(u.sum()) for s, u in unconverged.items()},
+    'excluded': {s: int((~u).sum()) for s, u in usable.items()},
+  }
+  stats['pruned'] = {s: int((~keep[s] & usable[s]).sum()) for s in keep}  # by the strategy
   return PruneResult(
     settings=settings,
     num_examples=num_examples,
@@ -359,6 +393,27 @@ def _check_margins(
         '(c.margins.recompute=True).'
       )
     out[s] = m
+  return out
+
+
+def _check_unconverged(
+  converged: Mapping[str, np.ndarray] | None, num_examples: dict[str, int]
+) -> dict[str, np.ndarray]:
+  """source -> bool[N_s], True where DeepFool did not converge (none without `converged`)."""
+  out = {}
+  for s, n in num_examples.items():
+    if converged is None:
+      out[s] = np.zeros(n, bool)
+      continue
+    if s not in converged:
+      raise ValueError(f'converged flags of source {s!r} are missing; the margin stage writes them')
+    c = np.asarray(converged[s])
+    if c.shape != (n,):
+      raise ValueError(
+        f'converged flags of {s!r} have shape {c.shape} but the source has {n} examples; '
+        'recompute the margins (c.margins.recompute=True).'
+      )
+    out[s] = ~c.astype(bool)
   return out
 
 

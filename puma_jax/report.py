@@ -105,7 +105,8 @@ def _markdown(rep: dict[str, Any], plots: dict[str, str]) -> str:
     f'- threat model: {cfg["attack"]["norm"]}, eps {cfg["attack"]["eps"]:.5g}; training loss '
     f'`{cfg["train"]["loss"]}`, {cfg["attack"]["num_steps"]} attack steps',
     f'- pruning: strategy `{cfg["prune"]["strategy"]}`, fraction {cfg["prune"]["fraction"]}, '
-    f'scope `{cfg["prune"]["scope"]}`, eps rule `{cfg["prune"]["eps_rule"]}`',
+    f'scope `{cfg["prune"]["scope"]}`, eps rule `{cfg["prune"]["eps_rule"]}`, unconverged '
+    f'margins `{cfg["prune"].get("unconverged", "keep_distance")}`',
     f'- margins: DeepFool {cfg["margins"]["norm"]}, {cfg["margins"]["num_candidates"]} candidates, '
     f'at most {cfg["margins"]["max_iter"]} iterations; margin model from `{cfg["margin_model"]["source"]}`',
     f'- training: {cfg["train"]["num_steps"]} steps of batch {cfg["train"]["batch_size"]}, '
@@ -142,6 +143,16 @@ def _markdown(rep: dict[str, Any], plots: dict[str, str]) -> str:
         f'{e.get("negative", "-")} | {e.get("zero", "-")} | {e.get("full", "-")} |'
       )
     lines.append('')
+    unconverged = prune.get('unconverged')
+    if unconverged:
+      counts = ', '.join(f'{s} {n}' for s, n in unconverged['count'].items())
+      excluded = sum(unconverged['excluded'].values())
+      lines += [
+        f'Margins that did not converge: {counts} (rule `{unconverged["rule"]}`'
+        + (f', {excluded} excluded' if excluded else '')
+        + ').',
+        '',
+      ]
     for source, per_class in prune.get('kept_per_class', {}).items():
       if len(per_class) <= 20:
         lines.append(f'Kept per class ({source}): {per_class}')

@@ -13,7 +13,7 @@ Each example i of a batch carries its own attack radius `batch['eps'][i]`:
   since x itself minimises the KL term.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from puma_jax import attacks
+from puma_jax import attacks, schedules
 from puma_jax.attacks import losses, lp
 
 Batch = dict[str, jax.Array]
@@ -30,6 +30,9 @@ Metrics = dict[str, jax.Array]
 Variables = dict[str, Any]
 
 LOSSES = ('trades', 'pgd_at')
+LR_SCHEDULES = ('warmup_cosine', 'cosinew')
+WEIGHT_DECAY_ON = ('kernels', 'all_but_batchnorm')
+ATTACK_BN = ('running', 'batch')
 
 
 @flax.struct.dataclass
@@ -74,6 +77,26 @@ def weight_decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
+def _is_norm_layer(tree: Any) -> bool:
+  return isinstance(tree, Mapping) and 'scale' in tree and 'kernel' not in tree
+
+
+def all_but_batchnorm_mask(params: Any) -> Any:
+  """True for every parameter except those of normalisation layers (modules with a `scale`).
+
+  DM-Improves-AT's `group_weight`: kernels and the biases of convolutions and dense
+  layers are decayed, BatchNorm scales and offsets are not.
+  """
+
+  def mark(tree, in_norm):
+    if isinstance(tree, Mapping):
+      in_norm = in_norm or _is_norm_layer(tree)
+      return type(tree)({k: mark(v, in_norm) for k, v in tree.items()})
+    return not in_norm
+
+  return mark(params, False)
+
+
 def make_optimizer(
   *,
   learning_rate: float,
@@ -82,12 +105,40 @@ def make_optimizer(
   momentum: float,
   nesterov: bool,
   weight_decay: float,
+  lr_schedule: str = 'warmup_cosine',
+  steps_per_epoch: int = 0,
+  pct_start: float = 0.025,
+  weight_decay_on: str = 'kernels',
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """SGD (Nesterov) with L2 weight decay on kernels only, linear warm-up then cosine decay.
+  """SGD (Nesterov) with L2 weight decay and a learning-rate schedule.
 
-  The decay is added to the gradient before momentum (as PyTorch's SGD `weight_decay`);
-  biases and BatchNorm scales and offsets are not decayed (`weight_decay_mask`).
+  The decay is added to the gradient before momentum (as PyTorch's SGD `weight_decay`),
+  on `weight_decay_on`: 'kernels' (`weight_decay_mask`: no biases, no BatchNorm) or
+  'all_but_batchnorm' (`all_but_batchnorm_mask`, DM-Improves-AT).
+
+  `lr_schedule`: 'warmup_cosine' is per step, a linear warm-up from 0 over
+  `warmup_steps` then a cosine to 0 at `num_steps`, with the fixed `momentum`;
+  'cosinew' is DM-Improves-AT's OneCycleLR stepped once per epoch of
+  `steps_per_epoch` steps, warm-up share `pct_start`, with its cycled momentum
+  (`schedules.one_cycle_per_epoch`; `momentum` and `warmup_steps` are not used).
   """
+  if lr_schedule not in LR_SCHEDULES:
+    raise ValueError(f'unknown train.lr_schedule {lr_schedule!r}; known: {LR_SCHEDULES}')
+  if weight_decay_on not in WEIGHT_DECAY_ON:
+    raise ValueError(f'unknown train.weight_decay_on {weight_decay_on!r}; known: {WEIGHT_DECAY_ON}')
+  mask = weight_decay_mask if weight_decay_on == 'kernels' else all_but_batchnorm_mask
+  if lr_schedule == 'cosinew':
+    cycle = schedules.one_cycle_per_epoch(
+      max_lr=learning_rate,
+      num_steps=num_steps,
+      steps_per_epoch=steps_per_epoch,
+      pct_start=pct_start,
+    )
+    sgd = optax.inject_hyperparams(optax.sgd, static_args=('nesterov',))(
+      learning_rate=cycle.learning_rate, momentum=cycle.momentum, nesterov=nesterov
+    )
+    tx = optax.chain(optax.add_decayed_weights(weight_decay, mask=mask), sgd)
+    return tx, cycle.learning_rate
   schedule = optax.warmup_cosine_decay_schedule(
     init_value=0.0,
     peak_value=learning_rate,
@@ -95,16 +146,44 @@ def make_optimizer(
     decay_steps=max(num_steps, 1),
   )
   tx = optax.chain(
-    optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
+    optax.add_decayed_weights(weight_decay, mask=mask),
     optax.sgd(learning_rate=schedule, momentum=momentum, nesterov=nesterov),
   )
   return tx, schedule
 
 
-def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
-  """EMA decay with the usual warm-up: min(decay, (1 + step) / (10 + step))."""
+def ema_decay_at(step: jax.Array, decay: float, warmup_steps: float = 0.0) -> jax.Array:
+  """The EMA decay applied by the update of 0-based step `step`.
+
+  warmup_steps = 0: the usual ramp from the first step, min(decay, (1 + step) / (10 + step)).
+  warmup_steps = W > 0 (DM-Improves-AT's `ema_update`): with n = step + 1 steps done,
+  0 while n < W (the average is a copy of the model), then min(decay, (1 + d) / (10 + d))
+  with d = n - W.
+  """
   step = step.astype(jnp.float32)
-  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+  if warmup_steps <= 0:
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+  delta = step + 1.0 - warmup_steps
+  ramp = jnp.minimum(decay, (1.0 + delta) / (10.0 + jnp.maximum(delta, 0.0)))
+  return jnp.where(delta >= 0, ramp, 0.0)
+
+
+def attack_logits_fn(
+  model: nn.Module, variables: Variables, batchnorm: str
+) -> Callable[[jax.Array], jax.Array]:
+  """The logits the inner maximisation attacks.
+
+  batchnorm='running': eval mode, BatchNorm normalises with the running statistics
+  (each example independent of the batch). 'batch' (DM-Improves-AT's
+  `track_bn_stats(model, False)` in train mode): BatchNorm normalises with the
+  statistics of the batch being attacked, and the running statistics are not updated
+  (the update is computed and discarded).
+  """
+  if batchnorm not in ATTACK_BN:
+    raise ValueError(f'unknown train.attack_batchnorm {batchnorm!r}; known: {ATTACK_BN}')
+  if batchnorm == 'running' or 'batch_stats' not in variables:
+    return lambda x: model.apply(variables, x, train=False)
+  return lambda x: model.apply(variables, x, train=True, mutable=['batch_stats'])[0]
 
 
 def adversarial_inputs(
@@ -116,6 +195,7 @@ def adversarial_inputs(
   norm: str,
   num_steps: int,
   step_size: float,
+  trades_start: str = 'normal',
 ) -> jax.Array:
   """The inner maximisation of `loss` ('trades' or 'pgd_at') with each example's `batch['eps']`."""
   x, y, eps = batch['image'], batch['label'], batch['eps']
@@ -131,7 +211,7 @@ def adversarial_inputs(
       step_size=step_size,
     )
   return attacks.trades_perturb(
-    logits_fn, rng, x, eps, norm=norm, num_steps=num_steps, step_size=step_size
+    logits_fn, rng, x, eps, norm=norm, num_steps=num_steps, step_size=step_size, start=trades_start
   )
 
 
@@ -150,6 +230,11 @@ def train_step(
   trades_beta: float,
   label_smoothing: float,
   ema_decay: float,
+  ema_warmup_steps: float = 0.0,
+  ema_batch_stats_every: int = 0,
+  trades_start: str = 'normal',
+  attack_batchnorm: str = 'running',
+  bn_first_batch: bool = False,
 ) -> tuple[TrainState, Metrics]:
   """One step of adversarial training (TRADES or PGD-AT) with per-example eps. Pure.
 
@@ -159,13 +244,23 @@ def train_step(
       example's radius; see the module docstring for zero and negative radii).
     rng: a base key; the step folds in `state.step`, so a resumed run draws
       the same random starts.
-    model: the Flax module; its `train=False` mode (running BatchNorm
-      statistics, nothing updated) is used by the attack.
+    model: the Flax module.
     tx, schedule: the optimiser and its learning-rate schedule (for metrics).
     loss: 'trades' (CE(f(x)) + beta KL(f(x) || f(x_adv))) or 'pgd_at' (CE(f(x_adv))).
     norm, num_steps, step_size: the inner attack; `step_size` is relative to |eps_i|.
     trades_beta, label_smoothing: loss weights (label smoothing on the CE terms).
     ema_decay: decay of the weight average used for evaluation.
+    ema_warmup_steps: 0, or W > 0: the average copies the model for W steps, then
+      ramps (`ema_decay_at`).
+    ema_batch_stats_every: 0 averages the BatchNorm statistics like the weights; k > 0
+      keeps them and copies the model's after every k-th step (DM-Improves-AT's
+      `update_bn` at the end of each epoch of k steps).
+    trades_start: TRADES' random start, 'normal' or 'uniform' (`attacks.trades_perturb`).
+    attack_batchnorm: 'running' or 'batch', BatchNorm in the inner maximisation
+      (`attack_logits_fn`); the attack never updates the running statistics.
+    bn_first_batch: on step 0 the running statistics become the batch statistics
+      (PyTorch momentum 1.0, DM-Improves-AT's Haiku-style start), instead of moving from
+      their (0, 1) start by the model's momentum; needs a model with `bn_momentum`.
 
   Returns:
     The new state and scalar metrics. If the loss or the gradients are not
@@ -179,12 +274,23 @@ def train_step(
   def eval_logits(x):
     return model.apply(eval_vars, x, train=False)
 
+  attack_logits = (
+    eval_logits if loss == 'pgd_at' else attack_logits_fn(model, eval_vars, attack_batchnorm)
+  )
   x_adv = jax.lax.stop_gradient(
     adversarial_inputs(
-      eval_logits, rng, batch, loss=loss, norm=norm, num_steps=num_steps, step_size=step_size
+      attack_logits,
+      rng,
+      batch,
+      loss=loss,
+      norm=norm,
+      num_steps=num_steps,
+      step_size=step_size,
+      trades_start=trades_start,
     )
   )
   y, eps = batch['label'], batch['eps']
+  first_batch = _first_batch_rescale(model, state) if bn_first_batch else None
 
   def forward_train(params, batch_stats, x):
     variables = (
@@ -192,8 +298,15 @@ def train_step(
     )
     if not batch_stats:
       return model.apply(variables, x, train=True), batch_stats
+    if first_batch is not None:  # step 0: start from zeros, the update is (1 - m) * batch
+      variables['batch_stats'] = jax.tree.map(
+        lambda s: jnp.where(first_batch[0], jnp.zeros_like(s), s), batch_stats
+      )
     logits, updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
-    return logits, updates['batch_stats']
+    new = updates['batch_stats']
+    if first_batch is not None:
+      new = jax.tree.map(lambda s: jnp.where(first_batch[0], s / first_batch[1], s), new)
+    return logits, new
 
   def loss_fn(params):
     if loss == 'pgd_at':
@@ -219,15 +332,21 @@ def train_step(
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
 
-  decay = ema_decay_at(state.step, ema_decay)
+  decay = ema_decay_at(state.step, ema_decay, ema_warmup_steps)
   average = lambda ema, new: decay * ema + (1.0 - decay) * new
+  if ema_batch_stats_every > 0:
+    epoch_end = (state.step + 1) % ema_batch_stats_every == 0
+    copy = lambda ema, new: jnp.where(epoch_end, new, ema)
+    ema_stats = jax.tree.map(copy, state.ema_batch_stats, new_stats)
+  else:
+    ema_stats = jax.tree.map(average, state.ema_batch_stats, new_stats)
   new_state = state.replace(
     step=state.step + 1,
     params=new_params,
     batch_stats=new_stats,
     opt_state=new_opt_state,
     ema_params=jax.tree.map(average, state.ema_params, new_params),
-    ema_batch_stats=jax.tree.map(average, state.ema_batch_stats, new_stats),
+    ema_batch_stats=ema_stats,
   )
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss_value) & jnp.isfinite(grad_norm)
@@ -245,6 +364,19 @@ def train_step(
     'nonfinite': (~finite).astype(jnp.int32),
   }
   return new_state, metrics
+
+
+def _first_batch_rescale(model: nn.Module, state: TrainState) -> tuple[jax.Array, float] | None:
+  """(is step 0, 1 - the model's BatchNorm momentum) for `bn_first_batch`, or None (no BN)."""
+  if not state.batch_stats:
+    return None
+  momentum = getattr(model, 'bn_momentum', None)
+  if momentum is None or not 0.0 <= momentum < 1.0:
+    raise ValueError(
+      f'train.bn_first_batch=True needs a model with a `bn_momentum` field in [0, 1); '
+      f'{type(model).__name__} has {momentum!r}. Set --config.train.bn_first_batch=False.'
+    )
+  return state.step == 0, 1.0 - momentum
 
 
 def eval_step(

@@ -42,6 +42,10 @@ def optimizer_from_config(config: Any, num_steps: int | None = None):
     momentum=train.momentum,
     nesterov=train.nesterov,
     weight_decay=train.weight_decay,
+    lr_schedule=train.lr_schedule,
+    steps_per_epoch=train.steps_per_epoch,
+    pct_start=train.pct_start,
+    weight_decay_on=train.weight_decay_on,
   )
 
 
@@ -55,9 +59,21 @@ def _init_state(model, tx, image_shape, mesh, init_rng) -> steps.TrainState:
   return jax.jit(init, out_shardings=parallel.replicated(mesh))(init_rng)
 
 
-def make_jit_train_step(config, model, tx, schedule, mesh) -> Callable[..., Any]:
+EMA_BATCH_STATS = ('average', 'copy_each_epoch')
+
+
+def make_jit_train_step(
+  config, model, tx, schedule, mesh, num_steps: int | None = None
+) -> Callable[..., Any]:
   """The compiled train step: state replicated (and donated), batch split over 'data'."""
   attack, train = config.attack, config.train
+  if train.ema_batch_stats not in EMA_BATCH_STATS:
+    raise ValueError(
+      f'unknown train.ema_batch_stats {train.ema_batch_stats!r}; known: {EMA_BATCH_STATS}'
+    )
+  copy_bn = train.ema_batch_stats == 'copy_each_epoch'
+  if copy_bn and train.steps_per_epoch <= 0:
+    raise ValueError('train.ema_batch_stats=copy_each_epoch needs train.steps_per_epoch > 0')
   step = functools.partial(
     steps.train_step,
     model=model,
@@ -66,10 +82,17 @@ def make_jit_train_step(config, model, tx, schedule, mesh) -> Callable[..., Any]
     loss=train.loss,
     norm=attack.norm,
     num_steps=attack.num_steps,
-    step_size=attack.step_size,
+    step_size=attack.step_size
+    if train.loss == 'pgd_at' or not train.trades_step_size
+    else train.trades_step_size,
     trades_beta=train.trades_beta,
     label_smoothing=train.label_smoothing,
     ema_decay=train.ema_decay,
+    ema_warmup_steps=train.ema_warmup_fraction * num_train_steps(config, num_steps),
+    ema_batch_stats_every=train.steps_per_epoch if copy_bn else 0,
+    trades_start=train.trades_start,
+    attack_batchnorm=train.attack_batchnorm,
+    bn_first_batch=train.bn_first_batch,
   )
   repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
   return jax.jit(
@@ -242,7 +265,7 @@ def train_and_evaluate(
   start = start or 0
   writer = MetricWriter(workdir, resume_step=start if start else None)
 
-  jit_train_step = make_jit_train_step(config, model, tx, schedule, mesh)
+  jit_train_step = make_jit_train_step(config, model, tx, schedule, mesh, total)
   jit_eval_step = make_jit_eval_step(config, model, mesh)
   meter = _step_meter(config, model, state, prepared.real_train.image_shape, mesh)
 

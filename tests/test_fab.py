@@ -72,6 +72,32 @@ def test_projection_is_the_exact_box_constrained_minimum(norm):
   np.testing.assert_allclose(ours, best, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize('norm', ['linf', 'l2'])
+@pytest.mark.parametrize('dim', [48, 517, 3072])
+def test_projection_lands_on_the_plane_when_the_normal_has_exact_zeros(norm, dim):
+  # ReLU and max-pool models give gradients with exact zeros. Those coordinates cannot
+  # move; the rounding residue of their slope sum once swamped the equation for lam.
+  rng = np.random.default_rng(dim)
+  n = 64
+  t = rng.uniform(0, 1, size=(n, dim)).astype(np.float32)
+  t[::4, : dim // 10] = rng.choice([0.0, 1.0], size=(len(t[::4]), dim // 10))  # on box faces
+  w = rng.normal(size=(n, dim)).astype(np.float32)
+  for row in w:
+    row[rng.choice(dim, int(rng.integers(5, min(300, dim - 5) + 1)), replace=False)] = 0.0
+  # Planes through random points of the box: every row has a solution.
+  b = np.sum(w.astype(np.float64) * rng.uniform(0, 1, size=(n, dim)), axis=1).astype(np.float32)
+  d = np.asarray(
+    fab_lib.project_onto_boundary(jnp.asarray(t), jnp.asarray(w), jnp.asarray(b), norm),
+    np.float64,
+  )
+  z = t + d
+  # On the plane up to float32 rounding of a D-term dot product: |w.z - b| <= 1e-6 sum|w|.
+  residual = np.abs(np.sum(w * z, axis=1) - b) / np.sum(np.abs(w), axis=1)
+  assert np.all(residual <= 1e-6), (np.sum(residual > 1e-6), residual.max())
+  assert np.all((z >= -1e-6) & (z <= 1 + 1e-6))
+  assert np.all(d[w == 0] == 0)
+
+
 def test_projection_returns_the_corner_when_the_plane_misses_the_box():
   t = jnp.full((1, 3), 0.5)
   w = jnp.array([[1.0, -2.0, 0.0]])

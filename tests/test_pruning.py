@@ -231,12 +231,13 @@ def test_save_load_round_trip(tmp_path):
 def test_settings_from_the_default_config():
   c = default.get_config()
   s = pruning.settings_from_config(c)
-  assert (s.strategy, s.fraction, s.scope, s.eps_rule, s.eps) == (
+  assert (s.strategy, s.fraction, s.scope, s.eps_rule, s.eps, s.unconverged) == (
     c.prune.strategy,
     c.prune.fraction,
     c.prune.scope,
     c.prune.eps_rule,
     c.attack.eps,
+    c.prune.unconverged,
   )
 
 
@@ -272,3 +273,57 @@ def test_bad_inputs_get_clear_errors():
     pruning.select(
       s, labels={'real': np.zeros(3, np.int32)}, margins={'real': np.zeros(3, np.float32)}
     )
+
+
+def _select_unconverged(rule, strategy='puma', fraction=0.4):
+  # generated: margins 0.3, -0.1, 0.5, 0.0, 0.2; DeepFool did not converge on 1 (a small
+  # distance reached so far) and 4 (misclassified, -0.05 reached so far).
+  gen = np.float32([0.3, 0.01, 0.5, 0.0, -0.05])
+  converged = {'real': np.ones(3, bool), 'generated': np.array([1, 0, 1, 1, 0], bool)}
+  return pruning.select(
+    _settings(strategy=strategy, fraction=fraction, unconverged=rule),
+    labels={'real': np.zeros(3, np.int32), 'generated': np.zeros(5, np.int32)},
+    margins={'real': np.float32(REAL), 'generated': gen},
+    converged=converged,
+  )
+
+
+def test_unconverged_keep_distance_uses_the_distance_reached():
+  r = _select_unconverged('keep_distance')
+  np.testing.assert_array_equal(r.kept['generated'], [1, 3, 4])  # 0.5 and 0.3 dropped
+  np.testing.assert_array_equal(r.eps['generated'], np.float32([0.01, 0.0, -0.05]))
+  assert r.stats['unconverged'] == {
+    'rule': 'keep_distance',
+    'count': {'real': 0, 'generated': 2},
+    'excluded': {'real': 0, 'generated': 0},
+  }
+
+
+def test_unconverged_infinite_is_pruned_first_and_gets_the_full_eps():
+  r = _select_unconverged('infinite')
+  # +inf (example 1) is dropped first, then 0.5; -inf (example 4) is kept with -eps.
+  np.testing.assert_array_equal(r.kept['generated'], [0, 3, 4])
+  np.testing.assert_array_equal(r.eps['generated'], np.float32([EPS, 0.0, -EPS]))
+  assert r.stats['unconverged']['count'] == {'real': 0, 'generated': 2}
+  # Kept, an unconverged correctly classified example trains at the full eps.
+  r = _select_unconverged('infinite', fraction=0.0)
+  np.testing.assert_array_equal(r.eps['generated'][[1, 4]], np.float32([EPS, -EPS]))
+
+
+def test_unconverged_exclude_removes_them_before_ranking():
+  r = _select_unconverged('exclude')
+  # Pool of 3 (0.3, 0.5, 0.0): 40% of 3 rounds to 1, 0.5 dropped.
+  np.testing.assert_array_equal(r.kept['generated'], [0, 3])
+  np.testing.assert_array_equal(r.eps['generated'], np.float32([EPS, 0.0]))
+  assert r.stats['kept'] == {'real': 3, 'generated': 2}
+  assert r.stats['pruned'] == {'real': 0, 'generated': 1}
+  assert r.stats['unconverged']['excluded'] == {'real': 0, 'generated': 2}
+
+
+def test_unconverged_rule_only_matters_for_margin_strategies():
+  for rule in pruning.UNCONVERGED:
+    r = _select_unconverged(rule, strategy='random')
+    assert r.stats['kept']['generated'] == 3
+    assert r.stats['unconverged']['excluded'] == {'real': 0, 'generated': 0}
+  with pytest.raises(ValueError, match=r'c\.prune\.unconverged'):
+    _settings(unconverged='drop')

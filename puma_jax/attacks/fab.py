@@ -88,9 +88,13 @@ def project_onto_boundary(t: jax.Array, w: jax.Array, b: jax.Array, norm: str) -
   brk = jnp.where(moves, jnp.minimum(room / jnp.where(moves, speed, 1.0), big), big)
   full = jnp.where(moves, abs_w * room, 0.0)  # its contribution once at the face
   brk_s, slope_s, full_s = jax.lax.sort((brk, slope, full), dimension=-1, num_keys=1)
-  before = jnp.cumsum(full_s, axis=-1) - full_s  # faces reached before breakpoint k
-  after = jnp.sum(slope_s, axis=-1, keepdims=True) - jnp.cumsum(slope_s, axis=-1) + slope_s
-  reached = before + brk_s * after  # the left side of the equation at lam = brk_k
+  # Both running sums are accumulated from their own end, never as `total - cumsum`:
+  # the coordinates that do not move (w_i = 0, breakpoint `big`) sort last, and their
+  # slope sum must be exactly 0 there, since any rounding residue times `big` would
+  # swamp the equation and pick the wrong segment.
+  before = jnp.concatenate([jnp.zeros_like(full_s[:, :1]), jnp.cumsum(full_s[:, :-1], -1)], -1)
+  after = jnp.flip(jnp.cumsum(jnp.flip(slope_s, -1), axis=-1), -1)  # slopes from k on
+  reached = before + jnp.where(brk_s < big, brk_s * after, 0.0)  # the left side at lam = brk_k
   k = jnp.sum(reached < c[:, None], axis=-1)
   feasible = k < dim
   kk = jnp.minimum(k, dim - 1)[:, None]

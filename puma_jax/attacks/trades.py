@@ -2,7 +2,10 @@
 
 `trades_perturb` maximises KL(softmax(f(x)) || softmax(f(x_adv))) over the ball
 ||x_adv - x|| <= eps_i and the box [0, 1], starting from x + 0.001 * N(0, 1) (the
-KL term has zero gradient at x itself). The clean logits f(x) are computed once.
+KL term has zero gradient at x itself; `start='normal'`, TRADES' reference and
+DM-Improves-AT's L2 start) or from x + U(-eps_i, eps_i) clipped to [0, 1]
+(`start='uniform'`, DM-Improves-AT's L-infinity start). The clean logits f(x) are
+computed once.
 
 A radius eps_i <= 0 returns x_i exactly: the KL term's minimiser is x itself, so
 the helpful perturbation that PUMA asks for with a negative radius is x, and the
@@ -19,6 +22,7 @@ from puma_jax.attacks.pgd import check_inputs, projected_steps
 
 # The reference implementation's start: x + 0.001 * N(0, 1), projected.
 _START_SCALE = 0.001
+STARTS = ('normal', 'uniform')
 
 
 def trades_perturb(
@@ -30,6 +34,7 @@ def trades_perturb(
   norm: str = 'linf',
   num_steps: int,
   step_size: float,
+  start: str = 'normal',
 ) -> jax.Array:
   """TRADES adversarial inputs x_adv f32[B,...] in [0, 1], ||x_adv - x|| <= max(eps_i, 0).
 
@@ -45,6 +50,8 @@ def trades_perturb(
     norm: 'linf' or 'l2'.
     num_steps: number of gradient steps (>= 0).
     step_size: step length relative to eps_i.
+    start: 'normal' (x + 0.001 N(0, 1)) or 'uniform' (x + U(-eps_i, eps_i) per
+      coordinate, L-infinity ball), each projected onto the ball and [0, 1].
 
   Returns:
     x_adv f32[B,...].
@@ -55,7 +62,12 @@ def trades_perturb(
   def kl_sum(v):
     return jnp.sum(losses.kl_divergence(clean_logits, logits_fn(v)))
 
-  start = x + _START_SCALE * jax.random.normal(rng, x.shape, jnp.float32)
-  x_adv = lp.project(start, x, radius, norm)
+  if start == 'uniform':
+    noise = lp.expand(radius, x) * jax.random.uniform(rng, x.shape, jnp.float32, -1.0, 1.0)
+  elif start == 'normal':
+    noise = _START_SCALE * jax.random.normal(rng, x.shape, jnp.float32)
+  else:
+    raise ValueError(f'unknown TRADES start {start!r} (train.trades_start); known: {STARTS}')
+  x_adv = lp.project(x + noise, x, radius, norm)
   x_adv = projected_steps(jax.grad(kl_sum), x, x_adv, radius, direction, norm, num_steps, step_size)
   return jnp.where(lp.expand(radius, x) > 0, x_adv, x)

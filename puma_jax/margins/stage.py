@@ -282,8 +282,11 @@ def load_margins(
   tag: str = 'margins',
   sidecar_root: str | os.PathLike | None = None,
   fingerprint: str | None = None,
+  quantity: str = 'margin',
 ) -> dict[str, np.ndarray]:
   """The stored margins of each split (f32[N], global order), checked against model and settings.
+
+  `quantity` 'iterations' (i32[N]) or 'converged' (bool[N]) reads those sidecars instead.
 
   Give the margin model's `variables`, or (variables=None) its `fingerprint`
   (`model_fingerprint`, e.g. as the margin stage recorded it), which saves
@@ -292,7 +295,10 @@ def load_margins(
   Raises:
     sidecar.SidecarError: missing, incomplete, damaged or differently computed margins.
   """
-  expected = sidecar_settings(model, settings, variables=variables, fingerprint=fingerprint)
+  expected = sidecar_settings(
+    model, settings, variables=variables, fingerprint=fingerprint, quantity=quantity
+  )
+  tag = sidecar_tags(tag)[quantity]
   return {
     key: sidecar.load(split, tag, expected, sidecar_root)
     for key, split in store.named_splits(splits).items()
