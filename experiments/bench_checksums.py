@@ -28,7 +28,7 @@ def main() -> None:
   args = parser.parse_args()
   config = importlib.import_module(args.config).get_config()
   model = train.create_model(config.model)
-  tx, _ = train.make_optimizer(config, 1000)
+  tx, _ = train.optimizer_from_config(config, 1000)
   shapes = jax.eval_shape(
     functools.partial(steps.create_train_state, model=model, tx=tx, image_shape=(32, 32, 3)),
     jax.random.key(0),
