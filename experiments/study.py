@@ -198,7 +198,8 @@ def run_config(opts: Options, setting: Setting, seed: int) -> Any:
   # The default's learning-rate schedule at this length (the same share of warm-up).
   train.warmup_steps = max(1, round(train.warmup_steps * steps / train.num_steps))
   train.num_steps = steps
-  points = CURVE_POINTS if setting.name == BASELINE else 1
+  # The baseline's first seed shows its curve (eval_every_steps does not change the training).
+  points = CURVE_POINTS if (setting.name, seed) == (BASELINE, 0) else 1
   train.eval_every_steps = max(1, steps // points)
   train.checkpoint_every_steps = min(train.checkpoint_every_steps, steps)
   if not opts.tiny:
@@ -535,8 +536,21 @@ def parse_args(argv: Sequence[str]) -> Options:
   )
   p.add_argument('--workdir', required=True, help='folder for everything; rerun to resume')
   p.add_argument('--tiny', action='store_true', help='a few settings, one seed, :tiny config')
+  p.add_argument(
+    '--train_steps',
+    type=int,
+    default=TRAIN_STEPS,
+    help=f"training steps of every run (default {TRAIN_STEPS}; --tiny: the tiny config's)",
+  )
   a = p.parse_args(argv)
-  return Options(workdir=Path(a.workdir).expanduser(), tiny=a.tiny, seeds=(0,) if a.tiny else SEEDS)
+  if a.train_steps < 1:
+    p.error(f'--train_steps must be >= 1, got {a.train_steps}')
+  return Options(
+    workdir=Path(a.workdir).expanduser(),
+    tiny=a.tiny,
+    seeds=(0,) if a.tiny else SEEDS,
+    train_steps=a.train_steps,
+  )
 
 
 def _setup(opts: Options) -> None:

@@ -149,12 +149,18 @@ def test_study_rerun_does_no_new_work(tiny_study, monkeypatch):
 
 
 @pytest.mark.parametrize(
-  ('argv', 'flag'),
-  [(['--sizes=400,200'], '--sizes'), (['--margin_model=/nonexistent'], '--margin_model')],
+  ('module', 'argv', 'flag'),
+  [
+    (study, ['--train_steps=0'], '--train_steps'),
+    (study, ['--train_steps=x'], '--train_steps'),
+    (margin_scaling, ['--sizes=400,200'], '--sizes'),
+    (margin_scaling, ['--margin_model=/nonexistent'], '--margin_model'),
+  ],
 )
-def test_bad_flags_are_refused_naming_the_flag(tmp_path, capsys, argv, flag):
+def test_bad_flags_are_refused_naming_the_flag(tmp_path, capsys, module, argv, flag):
+  out_flag = '--workdir' if module is study else '--out'
   with pytest.raises(SystemExit):
-    margin_scaling.parse_args([f'--out={tmp_path}', *argv])
+    module.parse_args([f'{out_flag}={tmp_path}', *argv])
   assert flag in capsys.readouterr().err
 
 
