@@ -2,7 +2,8 @@
 
 Two measurements on the embedded MNIST data (real train split plus generated
 digits, built with `datasets.prepare` and the default config's data section)
-and the default SmallCNN, trained briefly (clean cross-entropy) so that DeepFool
+and the default SmallCNN, trained by the pipeline's own margin_model stage
+(the default's TRADES margin model, `--train_steps` steps) so that DeepFool
 does a realistic number of steps:
 
 1. Stage overhead. `margins.compute_margins` end to end over the built TFDS
@@ -55,7 +56,9 @@ def parse_args() -> argparse.Namespace:
   ap.add_argument('--norm', default='linf', choices=['linf', 'l2'])
   ap.add_argument('--num_candidates', type=int, default=10)
   ap.add_argument('--max_iter', type=int, default=50)
-  ap.add_argument('--train_steps', type=int, default=300, help='clean training steps of the model')
+  ap.add_argument(
+    '--train_steps', type=int, default=300, help="steps of the pipeline's margin model"
+  )
   ap.add_argument('--repeats', type=int, default=2)
   ap.add_argument('--class_counts', default='10,100,1000')
   ap.add_argument('--class_batches', type=int, default=4, help='batches per class-count row')
@@ -81,11 +84,10 @@ if ARGS.cpu_devices:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from configs import default as default_config  # noqa: E402
-from puma_jax import datasets, margins, models, parallel  # noqa: E402
+from configs import default as default_config_module  # noqa: E402
+from puma_jax import datasets, margins, models, parallel, pipeline, train  # noqa: E402
 from puma_jax.datasets import input_pipeline  # noqa: E402
 
 
@@ -98,40 +100,26 @@ def cpu_seconds() -> float:
   return t.user + t.system
 
 
-def prepare_data(data_dir: str):
-  c = default_config.get_config()
+def default_config(data_dir: str):
+  """The default pipeline with ARGS' generated set and a margin model of ARGS.train_steps."""
+  c = default_config_module.get_config()
+  c.data.data_dir = data_dir
   c.data.generated.num_examples = ARGS.generated_examples
   c.data.generated.name = f'mnist_generated_{ARGS.generated_examples}'
-  prepared = datasets.prepare(c.data, data_dir)
-  return prepared
+  c.margin_model.num_steps = ARGS.train_steps
+  return c
 
 
-def train_briefly(model, splits, steps: int, batch_size: int = 128):
-  """Clean SGD on the real + generated training data (a few seconds on a CPU)."""
-  variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
-  tx = optax.sgd(0.05, momentum=0.9)
-  params, opt_state = variables['params'], tx.init(variables['params'])
-
-  @jax.jit
-  def step(params, opt_state, x, y):
-    def loss_fn(p):
-      logits = model.apply({'params': p}, x, train=True)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  it = input_pipeline.train_iterator(
-    splits, batch_size=batch_size, eps=0.0, seed=0, generated_fraction=0.5
+def margin_model(config, workdir: Path):
+  """The data and the pipeline's own margin model (its prepare and margin_model stages)."""
+  for stage in ('prepare', 'margin_model'):
+    pipeline.run(config, workdir, stage=stage)
+  prepared = datasets.prepare(config.data, config.data.data_dir, build=False)
+  model, variables = train.restore_ema_variables(
+    config, workdir / 'margin_model', prepared.real_train.image_shape
   )
-  loss = float('nan')
-  for _ in range(steps):
-    b = next(it)
-    params, opt_state, loss = step(params, opt_state, b['image'], b['label'])
-  it.close()
-  log(f'trained {steps} steps, last loss {float(loss):.3f}')
-  return {'params': params}
+  log(f'margin model: {config.margin_model.num_steps} steps of {config.train.loss}')
+  return prepared, model, variables
 
 
 def shard_batches_in_memory(splits, batch_size):
@@ -291,16 +279,15 @@ def run(tmp: str) -> None:
   log(f'devices: {jax.local_devices()}')
   data_dir = ARGS.data_dir or os.path.join(tmp, 'data')
   t0 = time.perf_counter()
-  prepared = prepare_data(data_dir)
-  log(f'data ready in {time.perf_counter() - t0:.1f} s\n{prepared.summary()}')
+  config = default_config(data_dir)
+  prepared, model, variables = margin_model(config, Path(tmp) / 'pipeline')
+  log(f'data and margin model ready in {time.perf_counter() - t0:.1f} s\n{prepared.summary()}')
   sources = ('real', 'generated') if ARGS.sources == 'both' else (ARGS.sources,)
   train_splits = prepared.train_splits
   splits = {k: train_splits[k] for k in sources}
   settings = margins.DeepFoolSettings(
     norm=ARGS.norm, num_candidates=ARGS.num_candidates, max_iter=ARGS.max_iter
   )
-  model = models.create('small_cnn', num_classes=10)
-  variables = train_briefly(model, train_splits, ARGS.train_steps)
   stage = bench_stage(model, variables, splits, settings, tmp)
   classes = bench_classes(train_splits, dataclasses.replace(settings, max_iter=ARGS.class_max_iter))
   report = {

@@ -15,7 +15,7 @@ distribution of every size:
 - margin model: the default pipeline's (its prepare and margin_model stages run
   once in `<out>/base`: TRADES, 300 steps), or an existing training workdir
   given with `--margin_model` (e.g. a pipeline's `WORKDIR/margin_model`, or the
-  pruning sweep's `<out>/base/margin_model`), loaded once for every size;
+  study's `<workdir>/base/margin_model`), loaded once for every size;
 - cost: the stage's wall time from call to return (reading the shards, DeepFool,
   writing sidecars and manifests, loading the arrays back, the summary and its
   histogram). The DeepFool program is compiled once, for the first size, and its
@@ -162,15 +162,17 @@ def score_size(
   out_dir = size_dir(settings, n)
   saved = artifacts.read_json(out_dir / RESULT) if (out_dir / RESULT).exists() else None
   expected = {'model_fingerprint': fingerprint, 'deepfool': deepfool.as_dict(), 'size': n}
-  if saved is not None and saved['settings'] == artifacts.canonical(expected):
+  if saved is not None:
+    artifacts.check_same(
+      saved['settings'],
+      expected,
+      what=str(out_dir / RESULT),
+      fix='Rerun with the flags it was made with, or use another --out.',
+      error=ValueError,
+    )
     logging.info('margin scaling: size %d done before, loading its margins', n)
     values = margins.load_margins(model, variables, split, settings=deepfool)['generated']
     return {k: saved['row'][k] for k in saved['columns']}, values
-  if saved is not None:
-    raise ValueError(
-      f'{out_dir / RESULT} was made with other settings ({saved["settings"]}); rerun with the '
-      'flags it was made with, or use another --out.'
-    )
   logging.info('margin scaling: scoring %d generated examples', n)
   start, cpu_start = time.perf_counter(), time.process_time()
   try:

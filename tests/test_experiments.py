@@ -1,22 +1,19 @@
-"""The pruning sweep and the margin-scaling study, run --tiny end to end.
+"""The study and the margin-scaling study, run --tiny end to end.
 
-One tiny sweep (none and puma; the base stages once) is shared by the tests of
-this module; the margin-scaling study borrows its margin model. DeepFool is cut
-to 1 step here (a test-only shrink of the tiny config) to keep the margin
-stage of the 6,000 tiny training examples short.
+One tiny study (the `--tiny` grid, one seed; the base stages once) is shared
+by the tests of this module; the margin-scaling study borrows its margin model.
+DeepFool is cut to 1 step here (a test-only shrink of the tiny config) to keep
+the margin stage of the 6,000 tiny training examples short.
 """
 
 import csv
 import json
-import os
 
 import pytest
 
-from experiments import margin_scaling, pruning_sweep
-from puma_jax import margins, pipeline, stages
-
-SWEEP_ARGS = ['--tiny', '--strategies=none,puma', '--fractions=0.5', '--seeds=0']
-SWEEP_ARGS += ['--eval_examples=32']
+from experiments import margin_scaling, study
+from puma_jax import margins, pipeline
+from puma_jax.attacks import autoattack
 
 
 def _shrunk(original):
@@ -31,15 +28,15 @@ def _shrunk(original):
 @pytest.fixture(scope='module')
 def shrunk_configs():
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(pruning_sweep, 'default_config', _shrunk(pruning_sweep.default_config))
+    mp.setattr(study, 'default_config', _shrunk(study.default_config))
     mp.setattr(margin_scaling, 'default_config', _shrunk(margin_scaling.default_config))
     yield
 
 
 @pytest.fixture(scope='module')
-def sweep(tmp_path_factory, shrunk_configs):
-  out = tmp_path_factory.mktemp('sweep')
-  text = pruning_sweep.main([f'--out={out}', *SWEEP_ARGS])
+def tiny_study(tmp_path_factory, shrunk_configs):
+  out = tmp_path_factory.mktemp('study')
+  text = study.main([f'--workdir={out}', '--tiny'])
   return out, text
 
 
@@ -48,134 +45,139 @@ def _rows(path):
     return {r['run']: r for r in csv.DictReader(f)}
 
 
-def test_sweep_writes_one_row_per_run_with_its_pruning_and_accuracies(sweep):
-  out, text = sweep
+def test_study_runs_each_available_setting_with_its_own_report(tiny_study):
+  out, text = tiny_study
   rows = _rows(out / 'runs.csv')
-  assert sorted(rows) == ['none_s0', 'puma_f0.5_s0']
-  none, puma = rows['none_s0'], rows['puma_f0.5_s0']
-  # The tiny default: 4,000 real digits (all kept) and 2,000 generated; puma drops half of these.
-  assert (int(none['kept_real']), int(none['kept_generated'])) == (4000, 2000)
-  assert (int(puma['kept_real']), int(puma['kept_generated'])) == (4000, 1000)
-  assert int(none['eps_reduced']) == 0 and int(puma['eps_reduced']) > 0
+  available = [s for s in study.grid() if s.name in study.TINY_SETTINGS and not s.requires]
+  assert sorted(rows) == sorted(f'{s.name}_s0' for s in available)
   for r in rows.values():
-    acc = {m: float(r[m]) for m in pruning_sweep.METRICS}
-    assert 0.0 <= acc['worst_case_acc'] <= acc['autoattack_acc'] <= acc['clean_acc'] <= 100.0
-    assert acc['worst_case_acc'] <= min(acc['pgd_ce_acc'], acc['pgd_cw_acc'])
-    assert int(r['eval_examples']) == 32
-    assert float(r['train_s']) > 0 and float(r['evaluate_s']) > 0
-    # The numbers come from the run's own evaluation report.
-    report = json.loads((out / 'runs' / r['run'] / 'evaluate' / 'report.json').read_text())
-    assert float(r['autoattack_acc']) == report['autoattack_acc']
-  assert '| no pruning | 0 | 6,000 (4,000 + 2,000) |' in text
-  assert '| PUMA (drop easy, eps_i from margin) | 0.5 | 5,000 (4,000 + 1,000) |' in text
-  assert (out / 'table.md').read_text() == text
-  with open(out / 'summary.csv') as f:
-    summary = list(csv.DictReader(f))
-  assert [(r['strategy'], r['fraction'], r['seeds']) for r in summary] == [
-    ('none', '0.0', '1'),
-    ('puma', '0.5', '1'),
-  ]
-  assert float(summary[1]['autoattack_acc_mean']) == float(puma['autoattack_acc'])
-  assert (out / 'accuracy_vs_robustness.png').stat().st_size > 10_000
-  saved = json.loads((out / 'sweep.json').read_text())
-  assert saved['runs'] == ['none_s0', 'puma_f0.5_s0'] and saved['settings']['train_steps'] == 20
+    config = json.loads((out / 'runs' / r['run'] / 'config.json').read_text())
+    setting = next(s for s in study.grid() if s.name == r['setting'])
+    assert config['prune']['strategy'] == setting.strategy
+    assert config['prune']['fraction'] == setting.ratio
+    assert config['train']['num_steps'] == 20  # matched steps: the tiny config's
+    # The accuracies are the run's own evaluation, read from its report.json.
+    report = json.loads((out / 'runs' / r['run'] / 'report.json').read_text())
+    for m in study.METRICS:
+      assert float(r[m]) == report['evaluation_report'][m]
+    assert float(r['worst_case_acc']) <= min(float(r['pgd_ce_acc']), float(r['pgd_cw_acc']))
+  # The standard adversarial training baseline: no pruning and a constant eps.
+  at = json.loads((out / 'runs' / 'at_s0' / 'config.json').read_text())
+  assert at['prune']['strategy'] == 'none'
+  assert '| adversarial training (no pruning, constant eps) | 1 |' in text
+  assert (out / 'summary.md').read_text() == text
+  for png in ('accuracy_vs_robustness.png', 'robust_vs_ratio.png', 'baseline_curve.png'):
+    assert (out / png).stat().st_size > 10_000
 
 
-def test_sweep_runs_reuse_the_base_margin_model_and_margins(sweep):
-  out, _ = sweep
+def test_autoattack_runs_on_the_baseline_and_the_best_puma_setting(tiny_study):
+  out, text = tiny_study
+  rows = _rows(out / 'runs.csv')
+  puma = [r for r in rows.values() if r['strategy'] == 'puma']
+  best = max(puma, key=lambda r: float(r['worst_case_acc']))['setting']
+  with_aa = sorted(r['setting'] for r in rows.values() if r['autoattack_acc'])
+  assert with_aa == sorted({'at', best})
+  for name in with_aa:
+    report = json.loads((out / 'runs' / f'{name}_s0' / 'autoattack' / 'report.json').read_text())
+    assert float(rows[f'{name}_s0']['autoattack_acc']) == report['autoattack_acc']
+    assert report['autoattack_acc'] <= report['clean_acc']
+  assert f'AutoAttack (standard) on at and {best}' in text
+
+
+def test_the_runs_share_one_margin_model_and_its_margins(tiny_study):
+  out, _ = tiny_study
   base = json.loads((out / 'base' / 'margins' / 'stage.json').read_text())['outputs']
-  run = out / 'runs' / 'puma_f0.5_s0'
-  assert json.loads((run / 'margins' / 'stage.json').read_text())['outputs'] == {
-    **base,
-    'summary': str(run / 'margins' / 'summary.json'),
-  }
+  run = out / 'runs' / 'puma_f0.3_s0'
+  outputs = json.loads((run / 'margins' / 'stage.json').read_text())['outputs']
+  assert outputs['model_fingerprint'] == base['model_fingerprint']
   assert not (run / 'margin_model' / 'checkpoints').exists()  # loaded, not trained
   config = json.loads((run / 'config.json').read_text())
-  assert config['margin_model'] == {
-    'source': 'checkpoint',
-    'path': str(out / 'base' / 'margin_model'),
-    'num_steps': config['margin_model']['num_steps'],
-  }
-  # The sidecars are those the base wrote: one manifest per split and quantity, untouched.
-  base_marker = (out / 'base' / 'margins' / 'stage.json').stat().st_mtime_ns
-  files = pruning_sweep.margin_files(out / 'data')
-  assert len([f for f in files if f.endswith('manifest.json')]) == 2 * 3
-  assert all(mtime <= base_marker for _, mtime, _ in files.values())
-  # No margins for the unpruned run: its margin stages are skipped.
-  assert not (out / 'runs' / 'none_s0' / 'margins').exists()
+  assert config['margin_model']['source'] == 'checkpoint'
+  assert config['margin_model']['path'] == str(out / 'base' / 'margin_model')
+  assert config['data']['data_dir'] == str(out / 'data')
 
 
-def test_the_reuse_check_fails_when_a_sidecar_is_rewritten(sweep):
-  out, _ = sweep
-  settings = pruning_sweep.parse_args([f'--out={out}', *SWEEP_ARGS])
-  run = pruning_sweep.Run('puma', 0.5, 0)
-  workdir = pruning_sweep.run_dir(settings, run)
-  base = {
-    'model_fingerprint': json.loads((workdir / 'margins' / 'stage.json').read_text())['outputs'][
-      'model_fingerprint'
-    ],
-    'margin_files': pruning_sweep.margin_files(out / 'data'),
-  }
-  pruning_sweep._check_margins_reused(settings, run, workdir, base)  # as the sweep left it
-  path = next(p for p in (out / 'data').rglob('*.margins.npy'))
-  st = path.stat()
-  try:
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
-    with pytest.raises(RuntimeError, match='rewrote margin sidecars'):
-      pruning_sweep._check_margins_reused(settings, run, workdir, base)
-    with pytest.raises(RuntimeError, match='not the base margin model'):
-      other = {**base, 'model_fingerprint': 'sha256:other'}
-      pruning_sweep._check_margins_reused(settings, run, workdir, other)
-  finally:
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+def test_arms_without_their_config_field_are_listed_not_available(tiny_study, monkeypatch):
+  _, text = tiny_study
+  arm = next(s for s in study.grid() if s.name == 'puma_f0.3_first_order')
+  assert f'{arm.name} ({arm.label}): not available, the config has no margins.estimator' in text
+  # Once the config has the field, the arm is available (the refresh arms still need theirs).
+  original = study.default_config
+
+  def with_estimator(tiny):
+    c = original(tiny)
+    c.margins.estimator = 'deepfool'
+    return c
+
+  monkeypatch.setattr(study, 'default_config', with_estimator)
+  assert study.missing_fields(arm) == []
+  refresh = next(s for s in study.grid() if s.name == 'puma_f0.3_fab_refresh')
+  assert study.missing_fields(refresh) == [study.REFRESH_FIELD]
+  config = study.run_config(study.Options(workdir=study.Path('/w')), arm, 2)
+  assert (config.margins.estimator, config.prune.fraction, config.seed) == ('first_order', 0.3, 2)
 
 
-def test_sweep_rerun_does_no_work_and_other_settings_are_refused(sweep, monkeypatch):
-  out, text = sweep
+def test_the_full_grid_covers_the_study():
+  names = [s.name for s in study.grid()]
+  assert [f'puma_f{r:g}' for r in (0, 0.1, 0.2, 0.3, 0.4, 0.5)] == [
+    n for n in names if n.startswith('puma_f') and '_' not in n[len('puma_f') :]
+  ]
+  assert {'at', 'random_f0.3', 'prune_low_f0.3', 'prune_high_f0.3'} <= set(names)
+  estimator_arms = [n for n in names if n.startswith('puma_f0.3_')]
+  assert len(estimator_arms) == 5  # 3 estimators x refresh on/off, less puma_f0.3 itself
+  assert study.Options(workdir=study.Path('/w')).seeds == (0, 1, 2)
 
-  def must_not_run(ctx):
-    raise AssertionError('a finished stage ran again')
+
+def test_within_spread_compares_the_difference_with_its_standard_error():
+  def setting(values):
+    return {'values': {'m': values}}
+
+  assert study.within_spread(setting([50.0, 52.0, 54.0]), setting([53.0, 55.0, 57.0]), 'm')
+  assert not study.within_spread(setting([50.0, 51.0, 52.0]), setting([60.0, 61.0, 62.0]), 'm')
+  assert study.within_spread(setting([50.0]), setting([60.0, 61.0]), 'm') is None
+
+
+def test_study_rerun_does_no_new_work(tiny_study, monkeypatch):
+  out, text = tiny_study
+
+  def must_not_run(*args, **kwargs):
+    raise AssertionError('finished work ran again')
 
   monkeypatch.setattr(pipeline, 'RUNNERS', {name: must_not_run for name in pipeline.STAGES})
-  again = pruning_sweep.main([f'--out={out}', *SWEEP_ARGS])
-  strip = lambda t: [line for line in t.splitlines() if 'this invocation' not in line]
-  assert strip(again) == strip(text)  # the same table, with the times measured the first time
-  with pytest.raises(stages.ConfigMismatchError, match='another --out'):
-    pruning_sweep.main([f'--out={out}', *SWEEP_ARGS, '--train_steps=7'])
+  monkeypatch.setattr(autoattack, 'run_standard', must_not_run)
+  assert study.main([f'--workdir={out}', '--tiny']) == text
 
 
 @pytest.mark.parametrize(
   ('module', 'argv', 'flag'),
   [
-    (pruning_sweep, ['--fractions=0.5,1'], '--fractions'),
-    (pruning_sweep, ['--fractions=0.5,x'], '--fractions'),
-    (pruning_sweep, ['--strategies=none,keep_all'], '--strategies'),
-    (pruning_sweep, ['--seeds=0,0'], '--seeds'),
-    (pruning_sweep, ['--train_steps=0'], '--train_steps'),
+    (study, ['--train_steps=0'], '--train_steps'),
+    (study, ['--train_steps=x'], '--train_steps'),
     (margin_scaling, ['--sizes=400,200'], '--sizes'),
     (margin_scaling, ['--margin_model=/nonexistent'], '--margin_model'),
   ],
 )
 def test_bad_flags_are_refused_naming_the_flag(tmp_path, capsys, module, argv, flag):
+  out_flag = '--workdir' if module is study else '--out'
   with pytest.raises(SystemExit):
-    module.parse_args([f'--out={tmp_path}', *argv])
+    module.parse_args([f'{out_flag}={tmp_path}', *argv])
   assert flag in capsys.readouterr().err
 
 
-def test_margin_scaling_scores_each_size_with_one_margin_model(sweep, tmp_path, monkeypatch):
-  sweep_out, _ = sweep
+def test_margin_scaling_scores_each_size_with_one_margin_model(tiny_study, tmp_path, monkeypatch):
+  study_out, _ = tiny_study
   out = tmp_path / 'scaling'
   argv = [
     f'--out={out}',
     '--tiny',
     '--sizes=96,192',
-    f'--margin_model={sweep_out}/base/margin_model',
+    f'--margin_model={study_out}/base/margin_model',
   ]
   text = margin_scaling.main(argv)
   with open(out / 'results.csv') as f:
     rows = list(csv.DictReader(f))
   assert [int(r['examples']) for r in rows] == [96, 192]
-  fingerprint = json.loads((sweep_out / 'base' / 'margins' / 'stage.json').read_text())['outputs'][
+  fingerprint = json.loads((study_out / 'base' / 'margins' / 'stage.json').read_text())['outputs'][
     'model_fingerprint'
   ]
   assert json.loads((out / 'scaling.json').read_text())['model_fingerprint'] == fingerprint

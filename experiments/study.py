@@ -1,0 +1,580 @@
+r"""The PUMA study on the embedded default, from one command.
+
+  python -m experiments.study --workdir=/tmp/puma_study [--tiny]
+
+A study is a grid of settings (config overrides of `configs/default.py`) times
+seeds, and a thin launcher: every run is the main job, `pipeline.run(config,
+run_dir)`, so it is resumable by the pipeline's own stage markers and refuses a
+workdir made with other settings. The runs share what does not depend on their
+setting: one data directory (`<workdir>/data`, margin sidecars beside the
+shards) and one margin model, trained once by the pipeline in `<workdir>/base`
+and loaded by every run (`margin_model.source=checkpoint`), so a run's margins
+stage finds the sidecars complete and only loads them.
+
+The grid (`grid()`; every run trains the same number of steps and is evaluated
+on all 1,000 test digits: clean, PGD-20 with the CE and the CW loss):
+
+- `at`: standard adversarial training (prune.strategy none: no pruning, eps
+  constant) against `puma_f0` (PUMA at pruning ratio 0: every example kept,
+  eps_i from its margin);
+- PUMA at pruning ratios 0, 10, 20, 30, 40 and 50% of the generated pool;
+- at 30%: PUMA against random, prune_low (drop the lowest margins) and
+  prune_high (drop the highest), both with a constant eps;
+- at 30%: the margin estimators (deepfool, first_order, fab) with and without
+  refreshed margins. These arms need `c.margins.estimator` and the refresh
+  option (`REFRESH_FIELD`); where the config has no such field the arm is
+  listed as not available and skipped, and it runs once the field exists.
+
+Then AutoAttack (standard) evaluates every seed of the baseline `at` and of
+the best PUMA setting (highest mean worst-case PGD accuracy), with the
+library's evaluator, into `<run>/autoattack/` (resumable batch by batch).
+
+The report, read from each run's `report.json` (the pipeline's report stage):
+`runs.csv` (one row per run), `summary.csv` and `summary.md` (mean ± std over
+seeds; which differences lie within the seed spread), `accuracy_vs_robustness.png`,
+`robust_vs_ratio.png` and `baseline_curve.png` (the baseline's training curve
+from its metrics.jsonl), all in the study workdir. `--tiny` runs a few settings
+on the `:tiny` config with one seed (tests).
+"""
+
+import argparse
+import copy
+import csv
+import dataclasses
+import io
+import math
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from puma_jax import logs  # absl only: JAX starts later
+
+SEEDS = (0, 1, 2)
+RATIOS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+COMPARE_RATIO = 0.3
+# Long enough for the unpruned baseline's robust accuracy to level off (its curve is
+# `baseline_curve.png`); chosen with the time estimate in docs/experiments.md.
+TRAIN_STEPS = 800
+CURVE_POINTS = 8  # train-time evaluations of the baseline (the others evaluate once, at the end)
+ESTIMATORS = ('deepfool', 'first_order', 'fab')
+ESTIMATOR_FIELD = 'margins.estimator'
+# The refresh option of the margins (issue 15, point 2): recompute the kept examples' margins
+# with the model being trained every N steps. Not in the config yet; its arms run once it is.
+REFRESH_FIELD = 'margins.refresh_every_steps'
+REFRESH_EVERY = 200
+TINY_SETTINGS = ('at', 'puma_f0', 'puma_f0.3', 'prune_low_f0.3', 'puma_f0.3_first_order')
+METRICS = ('clean_acc', 'pgd_ce_acc', 'pgd_cw_acc', 'worst_case_acc')
+METRIC_LABELS = {
+  'clean_acc': 'clean',
+  'pgd_ce_acc': 'PGD-CE',
+  'pgd_cw_acc': 'PGD-CW',
+  'worst_case_acc': 'PGD worst',
+  'autoattack_acc': 'AutoAttack',
+}
+BASELINE = 'at'
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """One entry of the grid: config overrides, run for every seed.
+
+  Attributes:
+    name: folder name under `<workdir>/runs/` (with `_s<seed>`).
+    label: what the tables call it.
+    overrides: dotted config field -> value.
+    requires: config fields that must exist for the setting to run.
+  """
+
+  name: str
+  label: str
+  overrides: Mapping[str, Any]
+  requires: tuple[str, ...] = ()
+
+  @property
+  def strategy(self) -> str:
+    return self.overrides['prune.strategy']
+
+  @property
+  def ratio(self) -> float:
+    return float(self.overrides['prune.fraction'])
+
+
+def _puma(ratio: float, **extra: Any) -> dict[str, Any]:
+  return {'prune.strategy': 'puma', 'prune.fraction': ratio, **extra}
+
+
+def grid() -> list[Setting]:
+  """Every setting of the study, in report order."""
+  c = COMPARE_RATIO
+  out = [
+    Setting(
+      BASELINE,
+      'adversarial training (no pruning, constant eps)',
+      {
+        'prune.strategy': 'none',
+        'prune.fraction': 0.0,
+      },
+    ),
+  ]
+  out += [Setting(f'puma_f{r:g}', f'PUMA {r:.0%}', _puma(r)) for r in RATIOS]
+  for strategy in ('random', 'prune_low', 'prune_high'):
+    overrides = {'prune.strategy': strategy, 'prune.fraction': c}
+    out.append(Setting(f'{strategy}_f{c:g}', f'{strategy} {c:.0%}', overrides))
+  for estimator in ESTIMATORS:
+    for refresh in (False, True):
+      if estimator == 'deepfool' and not refresh:
+        continue  # that is puma_f0.3 (deepfool is the default estimator)
+      overrides = _puma(c, **{ESTIMATOR_FIELD: estimator})
+      requires = (ESTIMATOR_FIELD,)
+      name = f'puma_f{c:g}_{estimator}'
+      if refresh:
+        overrides[REFRESH_FIELD] = REFRESH_EVERY
+        requires += (REFRESH_FIELD,)
+        name += '_refresh'
+      label = f'PUMA {c:.0%}, {estimator} margins' + (', refreshed' if refresh else '')
+      out.append(Setting(name, label, overrides, requires))
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """One study (from the command line; errors name the flag)."""
+
+  workdir: Path
+  tiny: bool = False
+  seeds: tuple[int, ...] = SEEDS
+  train_steps: int = TRAIN_STEPS
+  eval_examples: int = 0  # 0: the whole test split (1,000 embedded digits)
+
+  def settings(self) -> list[Setting]:
+    settings = grid()
+    return [s for s in settings if s.name in TINY_SETTINGS] if self.tiny else settings
+
+
+def default_config(tiny: bool) -> Any:
+  """configs/default.py (its `:tiny` variant with `tiny`)."""
+  from configs import default  # noqa: PLC0415 (the repository's configs/ folder)
+
+  return default.get_config('tiny' if tiny else None)
+
+
+def has_field(config: Any, dotted: str) -> bool:
+  node = config
+  for part in dotted.split('.'):
+    if part not in node:
+      return False
+    node = node[part]
+  return True
+
+
+def _set(config: Any, dotted: str, value: Any) -> None:
+  *parents, leaf = dotted.split('.')
+  node = config
+  for part in parents:
+    node = node[part]
+  node[leaf] = value
+
+
+def base_config(opts: Options) -> Any:
+  """The default pipeline whose data and margin model (and DeepFool margins) all runs share."""
+  config = default_config(opts.tiny)
+  config.data.data_dir = str(opts.workdir / 'data')
+  return config
+
+
+def run_config(opts: Options, setting: Setting, seed: int) -> Any:
+  """A run's config: the shared data and margin model, the setting's overrides, the seed."""
+  config = copy.deepcopy(base_config(opts))
+  config.seed = seed
+  config.margin_model.source = 'checkpoint'
+  config.margin_model.path = str(opts.workdir / 'base' / 'margin_model')
+  train = config.train
+  steps = opts.train_steps if not opts.tiny else train.num_steps
+  # The default's learning-rate schedule at this length (the same share of warm-up).
+  train.warmup_steps = max(1, round(train.warmup_steps * steps / train.num_steps))
+  train.num_steps = steps
+  # The baseline's first seed shows its curve (eval_every_steps does not change the training).
+  points = CURVE_POINTS if (setting.name, seed) == (BASELINE, 0) else 1
+  train.eval_every_steps = max(1, steps // points)
+  train.checkpoint_every_steps = min(train.checkpoint_every_steps, steps)
+  if not opts.tiny:
+    config.eval.num_examples = opts.eval_examples
+  config.eval.autoattack = 'none'  # AutoAttack runs afterwards, on the selected runs only
+  for field, value in setting.overrides.items():
+    _set(config, field, value)
+  return config
+
+
+def missing_fields(setting: Setting) -> list[str]:
+  config = default_config(True)
+  return [f for f in setting.requires if not has_field(config, f)]
+
+
+def run_dir(opts: Options, setting: Setting, seed: int) -> Path:
+  return opts.workdir / 'runs' / f'{setting.name}_s{seed}'
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def _timed(fn: Any, *args: Any, **kwargs: Any) -> float:
+  start = time.perf_counter()
+  fn(*args, **kwargs)
+  return time.perf_counter() - start
+
+
+def run_base(opts: Options) -> None:
+  """The data, the margin model and its DeepFool margins, once, in `<workdir>/base`."""
+  from puma_jax import pipeline  # noqa: PLC0415 (JAX starts here, not at import)
+
+  config = base_config(opts)
+  for stage in ('prepare', 'margin_model', 'margins'):
+    seconds = _timed(pipeline.run, config, opts.workdir / 'base', stage=stage)
+    logging.info('study: base stage %s in %.1f s', stage, seconds)
+
+
+def run_one(opts: Options, setting: Setting, seed: int) -> dict[str, Any]:
+  """The main job for one setting and seed (finished stages are skipped); its report row."""
+  from puma_jax import artifacts, pipeline  # noqa: PLC0415
+
+  workdir = run_dir(opts, setting, seed)
+  seconds = _timed(pipeline.run, run_config(opts, setting, seed), workdir)
+  logging.info('study: run %s in %.1f s', workdir.name, seconds)
+  rep = artifacts.read_json(workdir / 'report.json')
+  ev = rep['evaluation_report']
+  row = {
+    'run': workdir.name,
+    'setting': setting.name,
+    'strategy': setting.strategy,
+    'ratio': setting.ratio,
+    'seed': seed,
+    **{m: ev[m] for m in METRICS},
+    'autoattack_acc': None,
+    'eval_examples': ev['n_examples'],
+    'seconds': round(seconds, 1),  # this invocation's (0-ish when every stage was done)
+  }
+  return row
+
+
+def run_autoattack(opts: Options, setting: Setting, seed: int) -> float:
+  """AutoAttack standard on one trained run (the library's evaluator; resumable)."""
+  from puma_jax import artifacts, datasets, evaluate, train  # noqa: PLC0415
+
+  workdir = run_dir(opts, setting, seed)
+  config = run_config(opts, setting, seed)
+  config.eval.autoattack = 'standard'
+  prepared = datasets.prepare(config.data, config.data.data_dir, build=False)
+  model, variables = train.restore_ema_variables(
+    config, workdir / 'train', prepared.real_test.image_shape
+  )
+  rep = evaluate.evaluate_workdir(
+    config,
+    model,
+    variables,
+    prepared.real_test,
+    workdir / 'autoattack' / 'results',
+    model_name=f'{config.model.name} ({workdir.name})',
+    model_fingerprint=artifacts.tree_fingerprint(variables),
+  )
+  artifacts.write_json(workdir / 'autoattack' / 'report.json', rep)
+  return rep['autoattack_acc']
+
+
+def run_study(opts: Options) -> tuple[list[dict[str, Any]], list[str]]:
+  """Every available run, then AutoAttack on the baseline and the best PUMA setting.
+
+  Returns the rows and the notes (skipped arms, the AutoAttack choice).
+  """
+  notes = []
+  settings = []
+  for s in opts.settings():
+    missing = missing_fields(s)
+    if missing:
+      notes.append(
+        f'{s.name} ({s.label}): not available, the config has no {", ".join(missing)}; '
+        'it runs once the field exists.'
+      )
+      logging.info('study: %s', notes[-1])
+    else:
+      settings.append(s)
+  run_base(opts)
+  rows = []
+  total = len(settings) * len(opts.seeds)
+  for seed in opts.seeds:  # seed by seed, so a partial study has whole seeds first
+    for s in settings:
+      logging.info('study: run %d/%d: %s seed %d', len(rows) + 1, total, s.name, seed)
+      rows.append(run_one(opts, s, seed))
+  summary = summarise(rows)
+  best = best_puma(summary)
+  chosen = [BASELINE] + ([best] if best else [])
+  notes.append(
+    f'AutoAttack (standard) on {" and ".join(chosen)} (the best PUMA setting by mean PGD '
+    'worst-case accuracy), every seed.'
+  )
+  by_name = {s.name: s for s in settings}
+  for row in rows:
+    if row['setting'] in chosen:
+      row['autoattack_acc'] = run_autoattack(opts, by_name[row['setting']], row['seed'])
+  return rows, notes
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _stats(values: Sequence[float]) -> tuple[float | None, float | None]:
+  values = [v for v in values if v is not None]
+  if not values:
+    return None, None
+  std = float(np.std(values, ddof=1)) if len(values) > 1 else None
+  return float(np.mean(values)), std
+
+
+def summarise(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+  """Mean and standard deviation over seeds per setting, in grid order."""
+  groups: dict[str, list[Mapping[str, Any]]] = {}
+  for r in rows:
+    groups.setdefault(r['setting'], []).append(r)
+  out = []
+  for name, rs in groups.items():
+    s = {'setting': name, 'strategy': rs[0]['strategy'], 'ratio': rs[0]['ratio'], 'seeds': len(rs)}
+    for m in (*METRICS, 'autoattack_acc'):
+      s[f'{m}_mean'], s[f'{m}_std'] = _stats([r[m] for r in rs])
+    s['values'] = {m: [r[m] for r in rs] for m in (*METRICS, 'autoattack_acc')}
+    out.append(s)
+  return out
+
+
+def best_puma(summary: Sequence[Mapping[str, Any]]) -> str | None:
+  puma = [s for s in summary if s['strategy'] == 'puma' and s['worst_case_acc_mean'] is not None]
+  return max(puma, key=lambda s: s['worst_case_acc_mean'])['setting'] if puma else None
+
+
+def within_spread(a: Mapping[str, Any], b: Mapping[str, Any], metric: str) -> bool | None:
+  """Whether the difference of two settings' means is within twice its standard error.
+
+  None when either has fewer than two seeds (no spread to compare with).
+  """
+  va = [v for v in a['values'][metric] if v is not None]
+  vb = [v for v in b['values'][metric] if v is not None]
+  if len(va) < 2 or len(vb) < 2:
+    return None
+  se = math.sqrt(np.var(va, ddof=1) / len(va) + np.var(vb, ddof=1) / len(vb))
+  return abs(np.mean(va) - np.mean(vb)) <= 2 * se
+
+
+def _cell(s: Mapping[str, Any], metric: str) -> str:
+  mean, std = s[f'{metric}_mean'], s[f'{metric}_std']
+  if mean is None:
+    return '-'
+  return f'{mean:.1f}' if std is None else f'{mean:.1f} ± {std:.1f}'
+
+
+def _comparisons(summary: Sequence[Mapping[str, Any]]) -> list[str]:
+  by = {s['setting']: s for s in summary}
+  pairs = [(BASELINE, 'puma_f0')]
+  pairs += [(BASELINE, s['setting']) for s in summary if s['setting'] not in (BASELINE, 'puma_f0')]
+  ref = f'puma_f{COMPARE_RATIO:g}'
+  pairs += [
+    (ref, s['setting']) for s in summary if s['ratio'] == COMPARE_RATIO and s['setting'] != ref
+  ]
+  lines = []
+  for a, b in pairs:
+    if a not in by or b not in by:
+      continue
+    for m in ('clean_acc', 'worst_case_acc', 'autoattack_acc'):
+      if by[a][f'{m}_mean'] is None or by[b][f'{m}_mean'] is None:
+        continue
+      diff = by[b][f'{m}_mean'] - by[a][f'{m}_mean']
+      verdict = within_spread(by[a], by[b], m)
+      text = {
+        None: 'one seed: spread unknown',
+        True: 'within the seed spread',
+        False: 'beyond the seed spread',
+      }[verdict]
+      lines.append(f'- {b} vs {a}, {METRIC_LABELS[m]}: {diff:+.1f} points ({text}).')
+  return lines
+
+
+def summary_markdown(
+  opts: Options, summary: Sequence[Mapping[str, Any]], notes: Sequence[str], command: str
+) -> str:
+  labels = {s.name: s.label for s in grid()}
+  config = run_config(opts, grid()[0], 0)
+  lines = [
+    '# PUMA study on the embedded default' + (' (tiny)' if opts.tiny else ''),
+    '',
+    f'Command: `{command}`',
+    '',
+    f'Every run trains {config.train.num_steps} steps of batch {config.train.batch_size} '
+    f'(`{config.train.loss}`, {config.attack.norm} eps {config.attack.eps:g}) and is evaluated '
+    f'on {"all" if not config.eval.num_examples else config.eval.num_examples} test digits '
+    f'(PGD-{config.eval.pgd_steps}, CE and CW losses; "PGD worst" counts an example robust '
+    'when it survives both). Accuracies in percent, mean ± std over seeds '
+    f'({", ".join(map(str, opts.seeds))}).',
+    '',
+    '| setting | seeds | clean | PGD-CE | PGD-CW | PGD worst | AutoAttack |',
+    '| --- | ---: | ---: | ---: | ---: | ---: | ---: |',
+  ]
+  for s in summary:
+    cells = ' | '.join(_cell(s, m) for m in (*METRICS, 'autoattack_acc'))
+    lines.append(f'| {labels.get(s["setting"], s["setting"])} | {s["seeds"]} | {cells} |')
+  lines += ['', '## Notes', '', *[f'- {n}' for n in notes], '']
+  lines += [
+    '## Differences',
+    '',
+    'A difference is "within the seed spread" when it is at most twice its standard error '
+    '(sqrt(s_a²/n_a + s_b²/n_b) over the seeds); such a difference is not supported by the data.',
+    '',
+    *_comparisons(summary),
+    '',
+  ]
+  return '\n'.join(lines)
+
+
+def _png(fig: Any) -> bytes:
+  buf = io.BytesIO()
+  fig.savefig(buf, format='png', dpi=120)
+  return buf.getvalue()
+
+
+def plot(summary: Sequence[Mapping[str, Any]], out: Path) -> None:
+  """accuracy_vs_robustness.png and robust_vs_ratio.png."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+  from matplotlib.figure import Figure  # noqa: PLC0415
+
+  from puma_jax import artifacts  # noqa: PLC0415
+
+  colors = {'none': 'black', 'random': 'tab:gray', 'prune_high': 'tab:red'}
+  colors |= {'prune_low': 'tab:blue', 'puma': 'tab:green'}
+  fig = Figure(figsize=(6, 4.5))
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
+  for s in summary:
+    ax.errorbar(
+      s['clean_acc_mean'],
+      s['worst_case_acc_mean'],
+      xerr=s['clean_acc_std'] or 0.0,
+      yerr=s['worst_case_acc_std'] or 0.0,
+      fmt='*' if s['strategy'] == 'none' else 'o',
+      color=colors.get(s['strategy'], 'tab:purple'),
+      capsize=2,
+    )
+    ax.annotate(s['setting'], (s['clean_acc_mean'], s['worst_case_acc_mean']), fontsize=6)
+  ax.set_xlabel('clean accuracy (%)')
+  ax.set_ylabel('PGD worst-case accuracy (%)')
+  ax.set_title('accuracy vs robustness (mean ± std over seeds)', fontsize=10)
+  ax.grid(alpha=0.3)
+  artifacts.write_bytes(out / 'accuracy_vs_robustness.png', _png(fig))
+
+  fig = Figure(figsize=(6, 4.5))
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
+  puma = sorted(
+    (s for s in summary if s['strategy'] == 'puma' and s['setting'] == f'puma_f{s["ratio"]:g}'),
+    key=lambda s: s['ratio'],
+  )
+  for m, style in (('pgd_ce_acc', 'o-'), ('pgd_cw_acc', 's-'), ('worst_case_acc', '^-')):
+    if puma:
+      ax.errorbar(
+        [100 * s['ratio'] for s in puma],
+        [s[f'{m}_mean'] for s in puma],
+        yerr=[s[f'{m}_std'] or 0.0 for s in puma],
+        fmt=style,
+        capsize=2,
+        label=f'PUMA, {METRIC_LABELS[m]}',
+      )
+  base = next((s for s in summary if s['setting'] == BASELINE), None)
+  if base is not None:
+    ax.axhline(base['worst_case_acc_mean'], color='black', ls='--', label='AT, PGD worst')
+  ax.set_xlabel('pruning ratio (% of the generated pool dropped)')
+  ax.set_ylabel('robust accuracy (%)')
+  ax.set_title('robust accuracy against pruning ratio', fontsize=10)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  artifacts.write_bytes(out / 'robust_vs_ratio.png', _png(fig))
+
+
+def _csv_bytes(rows: Sequence[Mapping[str, Any]]) -> bytes:
+  buf = io.StringIO()
+  writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator='\n')
+  writer.writeheader()
+  writer.writerows(rows)
+  return buf.getvalue().encode()
+
+
+def write_report(
+  opts: Options, rows: Sequence[Mapping[str, Any]], notes: Sequence[str], command: str
+) -> str:
+  """runs.csv, summary.csv, summary.md and the plots, in the study workdir."""
+  from puma_jax import artifacts, report  # noqa: PLC0415
+
+  out = opts.workdir
+  summary = summarise(rows)
+  text = summary_markdown(opts, summary, notes, command)
+  artifacts.write_bytes(out / 'runs.csv', _csv_bytes(rows))
+  flat = [{k: v for k, v in s.items() if k != 'values'} for s in summary]
+  artifacts.write_bytes(out / 'summary.csv', _csv_bytes(flat))
+  artifacts.write_text(out / 'summary.md', text)
+  plot(summary, out)
+  baseline = run_dir(opts, grid()[0], opts.seeds[0]) / 'train' / 'metrics.jsonl'
+  report.plot_training_curves(report.training_curves(baseline), out / 'baseline_curve.png')
+  return text
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: Sequence[str]) -> Options:
+  p = argparse.ArgumentParser(
+    prog='python -m experiments.study',
+    description='The PUMA study on the embedded default (resumable: rerun the same command).',
+  )
+  p.add_argument('--workdir', required=True, help='folder for everything; rerun to resume')
+  p.add_argument('--tiny', action='store_true', help='a few settings, one seed, :tiny config')
+  p.add_argument(
+    '--train_steps',
+    type=int,
+    default=TRAIN_STEPS,
+    help=f"training steps of every run (default {TRAIN_STEPS}; --tiny: the tiny config's)",
+  )
+  a = p.parse_args(argv)
+  if a.train_steps < 1:
+    p.error(f'--train_steps must be >= 1, got {a.train_steps}')
+  return Options(
+    workdir=Path(a.workdir).expanduser(),
+    tiny=a.tiny,
+    seeds=(0,) if a.tiny else SEEDS,
+    train_steps=a.train_steps,
+  )
+
+
+def _setup(opts: Options) -> None:
+  import jax  # noqa: PLC0415
+
+  logs.setup_script_logging()
+  # Every run compiles the same programs; XLA's persistent cache compiles each once.
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir', str(opts.workdir / 'compilation_cache'))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  opts = parse_args(argv)
+  _setup(opts)
+  start = time.perf_counter()
+  rows, notes = run_study(opts)
+  text = write_report(opts, rows, notes, 'python -m experiments.study ' + ' '.join(argv))
+  print(text)  # noqa: T201
+  seconds = time.perf_counter() - start
+  print(f'wrote {opts.workdir}/summary.md and its plots in {seconds:.0f}s')  # noqa: T201
+  return text
+
+
+if __name__ == '__main__':
+  main()
