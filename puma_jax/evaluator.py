@@ -9,7 +9,7 @@ One evaluator serves both evaluations of the library:
   around it.
 
 Its programs are plain `jax.jit`s whose first argument is the model's variables:
-`pgd` (`steps.eval_step`: the clean and PGD flags) and `autoattack`
+`pgd` (`steps.eval_flags`: the clean and PGD flags) and `autoattack`
 (`autoattack.attack_batch` on each device's slice, `parallel.per_device`). A program
 is compiled once per model architecture, settings and batch shape and then runs any
 weights of that architecture (the EMA weights at every evaluation of a run, other
@@ -36,7 +36,7 @@ from puma_jax import parallel, steps
 from puma_jax.attacks import autoattack
 from puma_jax.datasets import input_pipeline
 
-PGD_ATTACKS = ('pgd_ce', 'pgd_cw')  # the PGD attacks of `steps.eval_step`, by loss
+PGD_ATTACKS = ('pgd_ce', 'pgd_cw')  # the PGD attacks of `steps.eval_flags`, by loss
 AUTOATTACK_BUDGETS = ('apgd_steps', 'fab_steps', 'num_targets', 'square_queries')
 
 
@@ -101,7 +101,7 @@ def attack_keys(rng: jax.Array, num_attacks: int) -> jax.Array:
 
 
 def _pgd_flags(variables, batch, rng, *, model, settings: Settings) -> jax.Array:
-  return steps.eval_step(
+  return steps.eval_flags(
     variables,
     batch,
     attack_keys(rng, len(settings.pgd_attacks)),
@@ -154,7 +154,7 @@ class Evaluator:
     mesh: the ('data',) mesh; batches are split over it (default: all devices).
 
   Attributes:
-    pgd: jit((variables, batch, rng) -> bool[B, 1 + len(pgd_attacks)]), `steps.eval_step`
+    pgd: jit((variables, batch, rng) -> bool[B, 1 + len(pgd_attacks)]), `steps.eval_flags`
       with the keys `attack_keys(rng, ...)`.
     autoattack: jit((variables, rng, batch, still) -> bool[B, 4]) (with `settings.autoattack`).
   """

@@ -250,6 +250,42 @@ def train_step(
 def eval_step(
   variables: Variables,
   batch: Batch,
+  rng: jax.Array,
+  *,
+  model: nn.Module,
+  norm: str,
+  eps: float,
+  num_steps: int,
+  step_size: float,
+) -> Metrics:
+  """Clean and PGD (cross-entropy) correct counts on one padded batch. Pure.
+
+  Returns sums, not means, so that a padded last batch stays exact:
+  `count`, `clean_correct`, `pgd_correct` over the rows where `batch['mask']`
+  (the column sums of `eval_flags` with PGD-CE started from `rng`).
+  """
+  flags = eval_flags(
+    variables,
+    batch,
+    jnp.expand_dims(rng, 0),
+    model=model,
+    norm=norm,
+    eps=eps,
+    num_steps=num_steps,
+    step_size=step_size,
+    pgd_attacks=('pgd_ce',),
+  ).astype(jnp.float32)
+  return {
+    'count': jnp.sum(batch['mask'].astype(jnp.float32)),
+    'clean_correct': jnp.sum(flags[:, 0]),
+    # An example counts as robust only if it is also classified correctly clean.
+    'pgd_correct': jnp.sum(flags[:, 1]),
+  }
+
+
+def eval_flags(
+  variables: Variables,
+  batch: Batch,
   keys: jax.Array,
   *,
   model: nn.Module,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from puma_jax import datasets, evaluator, model_io, parallel
+from puma_jax import datasets, evaluator, model_io, parallel, steps
 from puma_jax.datasets import input_pipeline
 
 SETTINGS = evaluator.Settings(
@@ -111,3 +111,14 @@ def test_unknown_settings_are_refused():
     evaluator.Settings(
       norm='linf', eps=0.1, pgd_steps=1, step_size=0.1, autoattack_budgets=(('fab_restarts', 1),)
     )
+
+
+def test_eval_step_sums_the_flags_of_its_batch(setup):
+  model, init, _, batch, _ = setup
+  variables, rng = init(0), jax.random.key(4)
+  kw = dict(model=model, norm='linf', eps=0.3, num_steps=3, step_size=0.25)
+  sums = steps.eval_step(variables, batch, rng, **kw)
+  flags = np.asarray(steps.eval_flags(variables, batch, rng[None], pgd_attacks=('pgd_ce',), **kw))
+  assert float(sums['count']) == 14 and not flags[14:].any()
+  assert float(sums['clean_correct']) == flags[:, 0].sum() > flags[:, 1].sum()
+  assert float(sums['pgd_correct']) == flags[:, 1].sum()
