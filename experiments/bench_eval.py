@@ -58,7 +58,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from puma_jax import artifacts, datasets, margins, parallel, train
+from puma_jax import artifacts, datasets, margins, model_io, parallel
 from puma_jax.attacks import autoattack
 from puma_jax.datasets import input_pipeline
 from puma_jax.models import small_cnn
@@ -195,7 +195,7 @@ def restore_model(config: Any, workdir: Path, image_shape: tuple[int, ...], allo
       f'model.dtype={config.model.dtype!r} in {workdir}/config.json: the PyTorch export '
       'computes in float32, so the two models would differ; benchmark a float32 run'
     )
-  return train.restore_ema_variables(config, train_dir, image_shape)
+  return model_io.restore_ema_variables(config.model, train_dir)
 
 
 # ------------------------------------------------------------------ PyTorch export

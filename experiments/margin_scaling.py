@@ -129,22 +129,18 @@ def size_dir(settings: Settings, n: int) -> Path:
 
 def load_margin_model(settings: Settings) -> tuple[Any, Any, str]:
   """(module, EMA variables, where from): `--margin_model`, or the default's trained here."""
-  from puma_jax import datasets, pipeline, train  # noqa: PLC0415
+  from puma_jax import model_io, pipeline  # noqa: PLC0415
 
   config = base_config(settings)
   if settings.margin_model:
     path = Path(settings.margin_model)
-    real_only = copy.deepcopy(config.data)
-    real_only.generated.kind = 'none'  # only the image shape is needed here
-    prepared = datasets.prepare(real_only, settings.out / 'data')
   else:
     workdir = settings.out / 'base'
     logging.info('margin scaling: training the default margin model in %s', workdir)
     for stage in ('prepare', 'margin_model'):
       pipeline.run(config, workdir, stage=stage)
     path = workdir / 'margin_model'
-    prepared = datasets.prepare(config.data, settings.out / 'data', build=False)
-  model, variables = train.restore_ema_variables(config, path, prepared.real_train.image_shape)
+  model, variables = model_io.restore_ema_variables(config.model, path)
   return model, variables, str(path)
 
 

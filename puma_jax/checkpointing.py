@@ -26,6 +26,12 @@ names the damaged item folder and leaves; a later `save` of that step replaces
 it. Leaves sharded across processes are not verified (each process holds only
 a part). Checkpoints without checksums are restored unverified.
 
+An array item can also be restored as saved, without an object of its type
+(`AsSaved(sharding)`: the structure, shapes and dtypes are read from the
+checkpoint): `model_io` reads the EMA weights of a train state that way, whatever
+optimiser state sits beside them. Its checksums are verified all the same (leaf
+names are compared with attributes and dict keys alike: `.params` = `['params']`).
+
 Every process must make the same calls (`save`, `restore`) in the same order;
 Orbax synchronises them and writes on the primary process where needed.
 
@@ -38,9 +44,11 @@ Example:
     ckpt.save(step, {'state': state, 'data_iter': iter_state})
 """
 
+import dataclasses
 import hashlib
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -59,6 +67,17 @@ CHECKSUMS = 'checksums'  # the JSON item holding every other item's content chec
 
 class DamagedCheckpointError(RuntimeError):
   """A checkpoint whose restored content does not match the checksums recorded when saved."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AsSaved:
+  """A restore target: the array item as saved, every array placed on `sharding`.
+
+  The item's tree structure, shapes and dtypes are read from the checkpoint;
+  dataclasses and named tuples come back as dicts, tuples as lists.
+  """
+
+  sharding: jax.sharding.Sharding
 
 
 def abstract_target(tree: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
@@ -277,9 +296,12 @@ class Checkpointer:
         f'checkpoint {step} in {self.directory} has no item(s) {missing}; it has {sorted(saved)}'
       )
     args = {}
+    as_saved = {name for name, target in targets.items() if isinstance(target, AsSaved)}
     for name, target in targets.items():
       if name in self._json_items:
         args[name] = ocp.args.JsonRestore()
+      elif name in as_saved:
+        args[name] = ocp.args.StandardRestore(self._saved_target(step, name, target.sharding))
       else:
         args[name] = ocp.args.StandardRestore(None if target is None else abstract_target(target))
     has_checksums = (self.directory / str(step) / CHECKSUMS).exists()
@@ -298,6 +320,10 @@ class Checkpointer:
           continue
         if name in self._json_items:
           bad = [] if _json_checksum(restored[name]) == recorded[name] else ['(the JSON value)']
+        elif name in as_saved:
+          bad = artifacts.damaged_leaves(
+            _plain_names(recorded[name]), _plain_names(artifacts.tree_checksums(restored[name]))
+          )
         else:
           bad = artifacts.damaged_leaves(recorded[name], artifacts.tree_checksums(restored[name]))
         if bad:
@@ -307,6 +333,20 @@ class Checkpointer:
             + (f' and {len(bad) - 5} more' if len(bad) > 5 else '')
           )
     return {name: restored[name] for name in targets}
+
+  def _saved_target(self, step: int, name: str, sharding: jax.sharding.Sharding) -> Any:
+    """The restore target of array item `name` of checkpoint `step` as saved, on `sharding`."""
+    tree = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / name).tree
+
+    def leaf(path, meta):
+      if not isinstance(meta, ocp.metadata.ArrayMetadata):
+        raise TypeError(
+          f'checkpoint item {name!r} leaf {jax.tree_util.keystr(path)} is a '
+          f'{type(meta).__name__}; AsSaved restores items of jax arrays only'
+        )
+      return jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=sharding)
+
+    return jax.tree_util.tree_map_with_path(leaf, tree)
 
   def item_names(self, step: int) -> list[str]:
     """Names of the items saved in checkpoint `step`."""
@@ -329,6 +369,15 @@ class Checkpointer:
 
   def __exit__(self, *exc: Any) -> None:
     self.close()
+
+
+_NAME_PART = re.compile(r"""\[('[^']*'|"[^"]*"|-?\d+)\]|\.(\w+)""")
+
+
+def _plain_names(checksums: Mapping[str, Any]) -> dict[str, Any]:
+  """Leaf names with attributes written as dict keys (`.a[0].b` -> `['a'][0]['b']`)."""
+  plain = lambda m: m.group(0) if m.group(1) is not None else f"['{m.group(2)}']"
+  return {_NAME_PART.sub(plain, k): v for k, v in checksums.items()}
 
 
 def _json_checksum(value: Any) -> str:

@@ -1,11 +1,12 @@
-r"""Robustness evaluation: clean, PGD (CE and CW losses) and AutoAttack, with a report.
+r"""The evaluate stage: clean, PGD (CE and CW losses) and AutoAttack, with a report.
 
 Per test example and stage the evaluation records whether the example is still
 classified correctly: clean; PGD-k with the cross-entropy loss; PGD-k with the
 CW margin loss; then AutoAttack "standard" (APGD-CE, APGD-T, FAB-T, Square, each
 on the examples still robust). The report gives the accuracy after each stage,
 RobustBench's fields (`clean_acc`, `autoattack_acc`, ...) and the worst case over
-every attack, per example.
+every attack, per example. The flags come from `evaluator.Evaluator` (the programs
+that training-time evaluation runs too), which takes the weights as an argument.
 
 Resumable: the flags of every finished batch are saved in
 `<out_dir>/batches/` (atomic writes), so a killed evaluation continues where it
@@ -22,7 +23,6 @@ Evaluate a training workdir's EMA weights or imported PyTorch weights:
       --torch_npz=wrn28_10.npz --out=/tmp/eval
 """
 
-import functools
 import io
 import json
 import time
@@ -31,63 +31,17 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from puma_jax import artifacts, parallel
-from puma_jax.attacks import autoattack, losses, pgd
+from puma_jax import artifacts, evaluator, parallel
 from puma_jax.datasets import input_pipeline
 from puma_jax.progress import Progress
 
-PGD_STAGES = ('clean', 'pgd_ce', 'pgd_cw')
+PGD_STAGES = ('clean', *evaluator.PGD_ATTACKS)
 STANDARD_BUDGETS = {'apgd_steps': 100, 'fab_steps': 100, 'num_targets': 9, 'square_queries': 5000}
 FORMAT_VERSION = 1
-
-
-def stage_names(use_autoattack: bool) -> tuple[str, ...]:
-  aa = autoattack.stage_names()[1:] if use_autoattack else ()
-  return PGD_STAGES + tuple(aa)
-
-
-def pgd_flags(
-  variables: Any,
-  batch: Mapping[str, jax.Array],
-  rng: jax.Array,
-  *,
-  model: Any,
-  norm: str,
-  eps: float,
-  num_steps: int,
-  step_size: float,
-) -> jax.Array:
-  """bool[B, 3]: correct clean, under PGD with CE loss, under PGD with CW loss. Pure.
-
-  Each PGD attacks every example (a broken clean example stays broken: the flags
-  are ANDed with the clean flag).
-  """
-
-  def logits_fn(x):
-    return model.apply(variables, x, train=False)
-
-  x, y = batch['image'], batch['label']
-  radius = jnp.full(y.shape, eps, jnp.float32)
-  clean = jnp.argmax(logits_fn(x), -1) == y
-  flags = [clean]
-  for i, loss in enumerate((losses.cross_entropy, losses.cw_loss)):
-    x_adv = pgd(
-      lambda v, t, loss=loss: loss(logits_fn(v), t),
-      jax.random.fold_in(rng, i),
-      x,
-      y,
-      radius,
-      norm=norm,
-      num_steps=num_steps,
-      step_size=step_size,
-    )
-    flags.append(clean & (jnp.argmax(logits_fn(x_adv), -1) == y))
-  return jnp.stack(flags, axis=1)
 
 
 def _settings(
@@ -98,7 +52,7 @@ def _settings(
   batch_size: int,
   pgd_steps: int,
   step_size: float,
-  use_autoattack: bool,
+  stages: tuple[str, ...],
   seed: int,
   model_fingerprint: str,
   split_name: str,
@@ -111,7 +65,7 @@ def _settings(
     'batch_size': int(batch_size),
     'pgd_steps': int(pgd_steps),
     'pgd_step_size': float(step_size),
-    'stages': list(stage_names(use_autoattack)),
+    'stages': list(stages),
     'seed': int(seed),
     'model_fingerprint': model_fingerprint,
     'split': split_name,
@@ -167,13 +121,6 @@ def _npz_bytes(**arrays: np.ndarray) -> bytes:
   buf = io.BytesIO()
   np.savez(buf, **arrays)
   return buf.getvalue()
-
-
-def _gather(x: jax.Array) -> np.ndarray:
-  """A globally sharded array on the host (every process gets all of it)."""
-  if jax.process_count() > 1:
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
 
 
 def _robustbench_norm(norm: str) -> str:
@@ -277,6 +224,20 @@ def evaluate(
   mesh = mesh or parallel.make_mesh()
   parallel.local_batch_size(batch_size, mesh)
   n = split.num_examples if not num_examples else min(num_examples, split.num_examples)
+  ev = evaluator.get(
+    model,
+    evaluator.Settings(
+      norm=norm,
+      eps=eps,
+      pgd_steps=pgd_steps,
+      step_size=step_size,
+      autoattack=use_autoattack,
+      autoattack_budgets=tuple(sorted(dict(autoattack_budgets or {}).items())),
+      chunk_size=chunk_size,
+    ),
+    mesh,
+  )
+  names = ev.stages
   settings = _settings(
     norm=norm,
     eps=eps,
@@ -284,39 +245,16 @@ def evaluate(
     batch_size=batch_size,
     pgd_steps=pgd_steps,
     step_size=step_size,
-    use_autoattack=use_autoattack,
+    stages=names,
     seed=seed,
     model_fingerprint=model_fingerprint,
     split_name=f'{split.name}:{split.split}',
   )
   if autoattack_budgets:
     settings['autoattack_budgets'] = dict(autoattack_budgets)
-  names = stage_names(use_autoattack)
   store = _BatchStore(out_dir, settings, recompute=recompute)
-
-  repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
-  jit_pgd = jax.jit(
-    functools.partial(
-      pgd_flags, model=model, norm=norm, eps=eps, num_steps=pgd_steps, step_size=step_size
-    ),
-    in_shardings=(repl, data, repl),
-    out_shardings=data,
-  )
-  logits_fn = lambda x: model.apply(variables, x, train=False)
-  run_aa = jax.jit(
-    functools.partial(
-      autoattack.run_standard,
-      logits_fn,
-      norm=norm,
-      eps=eps,
-      chunk_size=chunk_size,
-      map_fn=functools.partial(parallel.per_device, mesh=mesh, num_batched_args=4),
-      **dict(autoattack_budgets or {}),
-    )
-  )
   root = jax.random.key(seed)
   pgd_rng, aa_rng = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
-  example_keys = jax.jit(jax.vmap(lambda i: jax.random.fold_in(aa_rng, i)), out_shardings=data)
 
   num_batches = -(-n // batch_size)
   done = [store.load(b) for b in range(num_batches)]
@@ -335,13 +273,10 @@ def evaluate(
     batch = parallel.shard_batch(
       input_pipeline.device_fields(local, input_pipeline.EVAL_FIELDS), mesh
     )
-    flags = jit_pgd(variables, batch, jax.random.fold_in(pgd_rng, b))
-    if use_autoattack:
-      still = flags[:, 0] & batch['mask']
-      result = run_aa(example_keys(batch['index']), batch['image'], batch['label'], mask=still)
-      flags = jnp.concatenate([flags, result.robust[:, 1:]], axis=1)
-    mask = _gather(batch['mask'])
-    index, flags = _gather(batch['index'])[mask].astype(np.int64), _gather(flags)[mask]
+    flags = ev.flags(variables, batch, jax.random.fold_in(pgd_rng, b), aa_rng)
+    mask = evaluator.gather(batch['mask'])
+    index = evaluator.gather(batch['index'])[mask].astype(np.int64)
+    flags = evaluator.gather(flags)[mask]
     store.save(b, index, flags)
     done[b] = (index, flags)
     progress.update(len(index), extra=f'worst-case robust so far {_running(done):.2%}')
@@ -419,7 +354,7 @@ def _main() -> None:
   from absl import app, flags  # noqa: PLC0415 (only for the command line)
   from ml_collections import config_flags  # noqa: PLC0415
 
-  from puma_jax import datasets, margins, models, train  # noqa: PLC0415
+  from puma_jax import datasets, model_io  # noqa: PLC0415
 
   config_flag = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
   checkpoint = flags.DEFINE_string('checkpoint', None, 'A training workdir (holding checkpoints/).')
@@ -438,12 +373,10 @@ def _main() -> None:
       raise app.UsageError('give --data_dir or config.data.data_dir (where the test split is)')
     prepared = datasets.prepare(config.data, ddir, build=False)
     if checkpoint.value:
-      model, variables = train.restore_ema_variables(
-        config, checkpoint.value, prepared.real_test.image_shape
-      )
+      model, variables = model_io.restore_ema_variables(config.model, checkpoint.value)
       name = f'{config.model.name} ({checkpoint.value})'
     else:
-      model, variables = models.load_torch_state_dict(config.model, torch_npz.value)
+      model, variables = model_io.load_torch_state_dict(config.model, torch_npz.value)
       name = f'{config.model.name} ({torch_npz.value})'
     report = evaluate_workdir(
       config,
@@ -452,7 +385,7 @@ def _main() -> None:
       prepared.real_test,
       out.value,
       model_name=name,
-      model_fingerprint=margins.model_fingerprint(variables),
+      model_fingerprint=model_io.model_fingerprint(variables),
     )
     print(json.dumps({k: v for k, v in report.items() if k != 'settings'}, indent=2))  # noqa: T201
 

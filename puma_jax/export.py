@@ -24,7 +24,7 @@ from typing import Any
 import safetensors.numpy
 from absl import flags, logging
 
-from puma_jax import artifacts, cli, config_base, models, train
+from puma_jax import artifacts, cli, config_base, model_io, models
 from puma_jax.datasets import DataError, cifar, mnist
 
 _IMAGE_SHAPES = {
@@ -104,7 +104,7 @@ def export(workdir: str | Path, out: str | Path, *, allow_unfinished: bool = Fal
       'to export its latest checkpoint.'
     )
   shape = image_shape(config, workdir)
-  _, variables = train.restore_ema_variables(config, train_dir, shape)
+  _, variables = model_io.restore_ema_variables(config.model, train_dir)
   state_dict = models.export_torch_state_dict(config.model.name, variables)
   metadata = {
     'format': 'pt',

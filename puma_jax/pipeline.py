@@ -20,6 +20,7 @@ from puma_jax import (
   config_base,
   datasets,
   margins,
+  model_io,
   models,
   multihost,
   parallel,
@@ -204,12 +205,10 @@ def _load_margin_model(ctx: Context) -> tuple[Any, Any]:
   cfg = ctx.config
   source, path = cfg.margin_model.source, cfg.margin_model.path
   if source == 'train':
-    image_shape = ctx.prepared().real_train.image_shape
-    return train.restore_ema_variables(cfg, ctx.stage_dir('margin_model'), image_shape)
+    return model_io.restore_ema_variables(cfg.model, ctx.stage_dir('margin_model'), mesh=ctx.mesh)
   if source == 'checkpoint':
-    image_shape = ctx.prepared().real_train.image_shape
-    return train.restore_ema_variables(cfg, Path(path), image_shape)
-  return models.load_torch_state_dict(cfg.model, path)
+    return model_io.restore_ema_variables(cfg.model, Path(path), mesh=ctx.mesh)
+  return model_io.load_torch_state_dict(cfg.model, path)
 
 
 def run_margin_model(ctx: Context) -> dict[str, Any]:
@@ -225,7 +224,7 @@ def run_margin_model(ctx: Context) -> dict[str, Any]:
   else:
     result = {}
   _, variables = margin_model(ctx)
-  return {'model_fingerprint': artifacts.tree_fingerprint(variables), 'eval': result}
+  return {'model_fingerprint': model_io.model_fingerprint(variables), 'eval': result}
 
 
 def run_margins(ctx: Context) -> dict[str, Any]:
@@ -280,7 +279,7 @@ def _load_margins(ctx: Context, quantity: str = 'margin') -> dict[str, np.ndarra
   prepared = ctx.prepared()
   try:
     return margins.load_margins(
-      train.create_model(ctx.config.model),
+      model_io.create_model(ctx.config.model),
       None,
       prepared.train_splits,
       settings=margins.settings_from_config(ctx.config.margins),
@@ -338,8 +337,9 @@ def run_evaluate(ctx: Context) -> dict[str, Any]:
   from puma_jax import evaluate  # noqa: PLC0415 (AutoAttack compiles lazily)
 
   cfg = ctx.config
-  image_shape = ctx.prepared().real_train.image_shape
-  model, variables = train.restore_ema_variables(cfg, ctx.stage_dir('train'), image_shape)
+  model, variables = model_io.restore_ema_variables(
+    cfg.model, ctx.stage_dir('train'), mesh=ctx.mesh
+  )
   rep = evaluate.evaluate_workdir(
     cfg,
     model,
@@ -349,7 +349,7 @@ def run_evaluate(ctx: Context) -> dict[str, Any]:
     mesh=ctx.mesh,
     model_name=cfg.model.name,
     num_generated=_num_generated_used(ctx),
-    model_fingerprint=artifacts.tree_fingerprint(variables),
+    model_fingerprint=model_io.model_fingerprint(variables),
   )
   if jax.process_index() == 0:
     artifacts.write_json(ctx.stage_dir('evaluate') / 'report.json', rep)

@@ -393,29 +393,80 @@ def eval_step(
   """Clean and PGD (cross-entropy) correct counts on one padded batch. Pure.
 
   Returns sums, not means, so that a padded last batch stays exact:
-  `count`, `clean_correct`, `pgd_correct` over the rows where `batch['mask']`.
+  `count`, `clean_correct`, `pgd_correct` over the rows where `batch['mask']`
+  (the column sums of `eval_flags` with PGD-CE started from `rng`).
   """
+  flags = eval_flags(
+    variables,
+    batch,
+    jnp.expand_dims(rng, 0),
+    model=model,
+    norm=norm,
+    eps=eps,
+    num_steps=num_steps,
+    step_size=step_size,
+    pgd_attacks=('pgd_ce',),
+  ).astype(jnp.float32)
+  return {
+    'count': jnp.sum(batch['mask'].astype(jnp.float32)),
+    'clean_correct': jnp.sum(flags[:, 0]),
+    # An example counts as robust only if it is also classified correctly clean.
+    'pgd_correct': jnp.sum(flags[:, 1]),
+  }
+
+
+def eval_flags(
+  variables: Variables,
+  batch: Batch,
+  keys: jax.Array,
+  *,
+  model: nn.Module,
+  norm: str,
+  eps: float,
+  num_steps: int,
+  step_size: float,
+  pgd_attacks: tuple[str, ...] = ('pgd_ce', 'pgd_cw'),
+) -> jax.Array:
+  """Per example: classified correctly clean, and under PGD with each loss. Pure.
+
+  Args:
+    variables: the model's variables (eval mode).
+    batch: `image` f32[B,H,W,C] in [0,1], `label` i32[B], `mask` bool[B] (False on
+      padding rows).
+    keys: key[len(pgd_attacks)], the random start of each PGD.
+    model: the Flax module.
+    norm, eps: the threat model (one radius for every example).
+    num_steps, step_size: PGD's budget (step size relative to eps).
+    pgd_attacks: PGD attacks by loss, each on every example: 'pgd_ce' (cross-entropy),
+      'pgd_cw' (CW margin loss).
+
+  Returns:
+    bool[B, 1 + len(pgd_attacks)]: column 0 clean, then one column per attack. An
+    example counts as robust only if it is also classified correctly clean; padding
+    rows are False, so column sums are exact counts for a padded last batch.
+  """
+  loss_fns = {'pgd_ce': losses.cross_entropy, 'pgd_cw': losses.cw_loss}
+  unknown = [a for a in pgd_attacks if a not in loss_fns]
+  if unknown:
+    raise ValueError(f'unknown PGD attacks {unknown}; known: {sorted(loss_fns)}')
 
   def logits_fn(x):
     return model.apply(variables, x, train=False)
 
   x, y = batch['image'], batch['label']
-  mask = batch['mask'].astype(jnp.float32)
-  x_adv = attacks.pgd(
-    lambda x_, y_: losses.cross_entropy(logits_fn(x_), y_),
-    rng,
-    x,
-    y,
-    jnp.full(y.shape, eps, jnp.float32),
-    norm=norm,
-    num_steps=num_steps,
-    step_size=step_size,
-  )
-  clean_correct = (jnp.argmax(logits_fn(x), -1) == y).astype(jnp.float32)
-  adv_correct = (jnp.argmax(logits_fn(x_adv), -1) == y).astype(jnp.float32)
-  return {
-    'count': jnp.sum(mask),
-    'clean_correct': jnp.sum(clean_correct * mask),
-    # An example counts as robust only if it is also classified correctly clean.
-    'pgd_correct': jnp.sum(clean_correct * adv_correct * mask),
-  }
+  radius = jnp.full(y.shape, eps, jnp.float32)
+  clean = jnp.argmax(logits_fn(x), -1) == y
+  flags = [clean]
+  for i, name in enumerate(pgd_attacks):
+    x_adv = attacks.pgd(
+      lambda v, t, loss=loss_fns[name]: loss(logits_fn(v), t),
+      keys[i],
+      x,
+      y,
+      radius,
+      norm=norm,
+      num_steps=num_steps,
+      step_size=step_size,
+    )
+    flags.append(clean & (jnp.argmax(logits_fn(x_adv), -1) == y))
+  return jnp.stack(flags, axis=1) & batch['mask'].astype(bool)[:, None]

@@ -16,20 +16,15 @@ import jax
 import numpy as np
 from absl import logging
 
-from puma_jax import artifacts, checkpointing, models, parallel, steps, utilization
+from puma_jax import artifacts, checkpointing, evaluator, parallel, steps, utilization
 from puma_jax.datasets import Prepared, input_pipeline
 from puma_jax.metric_writer import MetricWriter, read_metrics
+from puma_jax.model_io import create_model
 from puma_jax.progress import Progress
 
 
 class NonFiniteLossError(FloatingPointError):
   """Training produced a non-finite loss or gradient; the last good checkpoint is kept."""
-
-
-def create_model(model_config: Any):
-  """The Flax module named by `config.model` (every other field is a constructor argument)."""
-  kwargs = dict(model_config)
-  return models.create(kwargs.pop('name'), **kwargs)
 
 
 def optimizer_from_config(config: Any, num_steps: int | None = None):
@@ -103,48 +98,26 @@ def make_jit_train_step(
   )
 
 
-def make_jit_eval_step(config, model, mesh) -> Callable[..., Any]:
-  attack = config.attack
-  step = functools.partial(
-    steps.eval_step,
-    model=model,
-    norm=attack.norm,
-    eps=attack.eps,
-    num_steps=config.eval.pgd_steps,
-    step_size=attack.step_size,
-  )
-  repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
-  return jax.jit(step, in_shardings=(repl, data, repl), out_shardings=repl)
-
-
 def evaluate_pgd(
-  jit_eval_step, variables, split, *, config, mesh, rng: jax.Array
+  variables: Any, split: Any, *, config: Any, model: Any, mesh: jax.sharding.Mesh, rng: jax.Array
 ) -> dict[str, float]:
-  """Clean and PGD accuracy of `variables` on `split` (exact with a padded last batch)."""
-  totals = {'count': 0.0, 'clean_correct': 0.0, 'pgd_correct': 0.0}
-  batches = input_pipeline.eval_batches(
+  """Clean and PGD-CE accuracy of `variables` on `split` (exact with a padded last batch).
+
+  The training-time evaluation (`evaluator.training_settings`); batch i draws its PGD
+  start from `fold_in(rng, i)`.
+  """
+  ev = evaluator.get(model, evaluator.training_settings(config), mesh)
+  result = ev.accuracy(
+    variables,
     split,
     batch_size=config.eval.batch_size,
     num_examples=config.eval.num_examples,
-    eps=config.attack.eps,
+    rng=rng,
   )
-  sums = []
-  for i, batch in enumerate(batches):
-    sums.append(
-      jit_eval_step(
-        variables,
-        parallel.shard_batch(input_pipeline.device_fields(batch, input_pipeline.EVAL_FIELDS), mesh),
-        jax.random.fold_in(rng, i),
-      )
-    )
-  for s in jax.device_get(sums):
-    for k in totals:
-      totals[k] += float(s[k])
-  n = max(totals['count'], 1.0)
   return {
-    'num_examples': int(totals['count']),
-    'clean_accuracy': totals['clean_correct'] / n,
-    'pgd_accuracy': totals['pgd_correct'] / n,
+    'num_examples': result['num_examples'],
+    'clean_accuracy': result['clean'],
+    'pgd_accuracy': result['pgd_ce'],
   }
 
 
@@ -266,15 +239,14 @@ def train_and_evaluate(
   writer = MetricWriter(workdir, resume_step=start if start else None)
 
   jit_train_step = make_jit_train_step(config, model, tx, schedule, mesh, total)
-  jit_eval_step = make_jit_eval_step(config, model, mesh)
   meter = _step_meter(config, model, state, prepared.real_train.image_shape, mesh)
 
   def evaluate(step: int) -> dict[str, float]:
     result = evaluate_pgd(
-      jit_eval_step,
       state.variables(ema=True),
       prepared.real_test,
       config=config,
+      model=model,
       mesh=mesh,
       rng=eval_rng,
     )
@@ -387,21 +359,3 @@ def check_same_pruning(saved: Mapping[str, Any], given: Mapping[str, Any], where
           'differs from the one given now, e.g. WORKDIR/prune/kept.npz changed); resume with '
           'the pruning output it was trained on or start a new workdir.'
         )
-
-
-def restore_ema_variables(config: Any, workdir: str | Path, image_shape: tuple[int, ...]):
-  """The EMA weights of the latest checkpoint of a training workdir (for margins/evaluation)."""
-  workdir = Path(workdir)
-  mesh = parallel.make_mesh()
-  model = create_model(config.model)
-  tx, _ = optimizer_from_config(config)
-  abstract = jax.eval_shape(
-    functools.partial(steps.create_train_state, model=model, tx=tx, image_shape=image_shape),
-    jax.random.key(0),
-  )
-  abstract = checkpointing.abstract_target(abstract, parallel.replicated(mesh))
-  with checkpointing.Checkpointer(workdir / 'checkpoints') as ckpt:
-    if ckpt.latest_step() is None:
-      raise FileNotFoundError(f'no checkpoint in {workdir / "checkpoints"}')
-    state = ckpt.restore({'state': abstract, 'data_iter': None})['state']
-  return model, state.variables(ema=True)

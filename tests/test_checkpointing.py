@@ -1,5 +1,6 @@
 """Orbax checkpoints: sharded round trip on 4 devices, keep-last-N, partial saves ignored."""
 
+import collections
 import logging
 import os
 import shutil
@@ -7,7 +8,9 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -266,3 +269,42 @@ def test_every_checkpoint_damaged_is_an_error(tmp_path, mesh):
   with checkpointing.Checkpointer(directory) as ckpt:
     with pytest.raises(checkpointing.DamagedCheckpointError, match='every checkpoint'):
       ckpt.restore({'state': checkpointing.abstract_target(_big_state(mesh, 0))})
+
+
+@flax.struct.dataclass
+class _Holder:
+  """A train-state-like dataclass holding a named tuple and a tuple, as optimiser states do."""
+
+  params: Any
+  opt_state: Any
+
+
+_Trace = collections.namedtuple('_Trace', 'trace')
+
+
+@pytest.mark.parametrize('damage', [None, 'flipped_bytes', 'other_valid_data'])
+def test_restore_as_saved_needs_no_object_of_the_saved_type(tmp_path, mesh, caplog, damage):
+  def holder(step):
+    w = _big_state(mesh, step)['w']
+    return _Holder(params={'w': w}, opt_state=(_Trace(trace={'w': w + 1.0}), {'count': w[0, :2]}))
+
+  directory = tmp_path / 'ckpt'
+  with checkpointing.Checkpointer(directory) as ckpt:
+    for step in (1, 2):
+      ckpt.save(step, {'state': holder(step)})
+  if damage == 'flipped_bytes':
+    _flip_middle_of_largest_file(directory / '2' / 'state')
+  elif damage == 'other_valid_data':
+    _swap_data(directory)
+  target = {'state': checkpointing.AsSaved(parallel.replicated(mesh))}
+  with checkpointing.Checkpointer(directory) as ckpt, caplog.at_level(logging.WARNING):
+    step, restored = ckpt.restore_latest(target)
+  expected = 2 if damage is None else 1
+  assert step == expected
+  assert ('is damaged' in caplog.text) == (damage is not None)
+  want = holder(expected)
+  state = restored['state']
+  _assert_tree_equal(state['params'], want.params)
+  _assert_tree_equal(state['opt_state'][0]['trace'], want.opt_state[0].trace)
+  _assert_tree_equal(state['opt_state'][1], want.opt_state[1])
+  assert state['params']['w'].sharding == parallel.replicated(mesh)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from puma_jax import export, models, pipeline, train
+from puma_jax import export, model_io, models, pipeline
 from puma_jax.models import wide_resnet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,7 +237,7 @@ def test_cli_exports_the_ema_weights_of_a_trained_workdir(trained_workdir, tmp_p
     timeout=300,
   )
   assert result.returncode == 0, result.stderr
-  _, ema = train.restore_ema_variables(config, workdir / 'train', (28, 28, 1))
+  _, ema = model_io.restore_ema_variables(config.model, workdir / 'train')
   fields = {k: v for k, v in config.model.items() if k not in ('name', 'dtype')}
   back = models.import_torch_state_dict('small_cnn', out, **fields)
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(ema), strict=True):

@@ -10,7 +10,7 @@ import pytest
 from absl import app
 from PIL import Image
 
-from puma_jax import artifacts, margins, models, pipeline, stages, train
+from puma_jax import artifacts, margins, model_io, models, pipeline, stages, train
 from puma_jax.datasets import cifar, sidecar
 from tools import image_folder
 
@@ -74,7 +74,7 @@ def test_prune_reads_the_recorded_margins_without_restoring_the_margin_model(
   def must_not_run(*args, **kwargs):
     raise AssertionError('the margin model was restored or hashed again')
 
-  monkeypatch.setattr(train, 'restore_ema_variables', must_not_run)
+  monkeypatch.setattr(model_io, 'restore_ema_variables', must_not_run)
   monkeypatch.setattr(artifacts, 'tree_fingerprint', must_not_run)
   pipeline.run(config, workdir, stage='prune')
   assert (workdir / 'prune' / 'kept.npz').read_bytes() == (done / 'prune' / 'kept.npz').read_bytes()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from puma_jax import checkpointing, datasets, parallel, steps, train
+from puma_jax import checkpointing, datasets, model_io, parallel, steps, train
 from puma_jax.attacks import losses
 
 
@@ -241,9 +241,8 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
 
   with pytest.raises(_Stop):
     train.train_and_evaluate(config, tmp_path / 'clean', prepared=prepared, on_step=stop_at_4)
-  shape = prepared.real_train.image_shape
-  _, clean_ema = train.restore_ema_variables(config, tmp_path / 'clean', shape)
-  _, kept_ema = train.restore_ema_variables(config, tmp_path / 'run', shape)
+  _, clean_ema = model_io.restore_ema_variables(config.model, tmp_path / 'clean')
+  _, kept_ema = model_io.restore_ema_variables(config.model, tmp_path / 'run')
   jax.tree.map(np.testing.assert_array_equal, clean_ema, kept_ema)
   assert _read_metrics(tmp_path / 'run' / 'metrics.jsonl')[-1]['step'] == 4
   # Rerunning (the data fixed) resumes from step 4 and finishes.
@@ -345,10 +344,10 @@ def test_evaluation_is_exact_with_a_padded_last_batch(prepared):
   model, _, _, state = _setup(config, prepared, mesh)
   variables = jax.device_get(state.variables())
   result = train.evaluate_pgd(
-    train.make_jit_eval_step(config, model, mesh),
     state.variables(),
     prepared.real_test,
     config=config,
+    model=model,
     mesh=mesh,
     rng=jax.random.key(0),
   )

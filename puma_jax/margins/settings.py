@@ -2,8 +2,8 @@
 
 `DeepFoolSettings` (norm, candidates, overshoot, max_iter, clip) and, per
 stored quantity, the manifest `settings`: those DeepFool settings, the margin
-model's fingerprint (`model_fingerprint`: sha256 over the variables' key paths,
-dtypes, shapes and bytes) and a description of the module (class and simple
+model's fingerprint (`model_io.model_fingerprint`: sha256 over the variables'
+key paths, dtypes, shapes and bytes) and a description of the module (class and simple
 fields, which change margins without changing the weights).
 """
 
@@ -15,8 +15,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from puma_jax import artifacts
 from puma_jax.attacks.deepfool import NORMS
+from puma_jax.model_io import model_fingerprint  # margins.model_fingerprint
 
 # The quantities stored per example, the suffix of their sidecar tag, and their dtype.
 QUANTITIES = {'margin': '', 'iterations': '_iterations', 'converged': '_converged'}
@@ -80,16 +80,6 @@ def settings_from_config(margins_config: Any) -> DeepFoolSettings:
     max_iter=margins_config.max_iter,
     clip=(0.0, 1.0) if margins_config.get('clip', True) else None,
   )
-
-
-def model_fingerprint(variables: Any) -> str:
-  """'sha256:<hex>' over the variables' key paths, dtypes, shapes and bytes.
-
-  `artifacts.tree_fingerprint`: stable across processes, devices and runs.
-  Arrays sharded across processes must be fully replicated (as margin-model
-  weights are) so that every process can read them.
-  """
-  return artifacts.tree_fingerprint(variables)
 
 
 def describe_module(model: nn.Module) -> dict[str, Any]:

@@ -99,25 +99,6 @@ def import_torch_state_dict(name: str, path: str | os.PathLike, **model_kwargs: 
 import_torch_npz = import_torch_state_dict  # The older name; reads .safetensors too.
 
 
-def load_torch_state_dict(
-  model_config: Mapping[str, Any], path: str | os.PathLike
-) -> tuple[nn.Module, dict[str, Any]]:
-  """The module that `model_config` (config.model) describes, with weights from a PyTorch file.
-
-  Args:
-    model_config: `name`, `dtype` and the constructor arguments (e.g. `num_classes`).
-    path: a PyTorch state_dict saved as .safetensors or .npz (name -> array).
-
-  Returns:
-    (module, Flax variables).
-  """
-  kwargs = dict(model_config)
-  name = kwargs.pop('name')
-  model = create(name, **kwargs)
-  kwargs.pop('dtype', None)
-  return model, import_torch_state_dict(name, path, **kwargs)
-
-
 def export_torch_state_dict(name: str, variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """The PyTorch state_dict (name -> NumPy array, NCHW layouts) of model `name`'s variables.
 
