@@ -87,7 +87,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configs import default as default_config_module  # noqa: E402
-from puma_jax import datasets, margins, models, parallel, pipeline, train  # noqa: E402
+from puma_jax import datasets, margins, model_io, models, parallel, pipeline  # noqa: E402
 from puma_jax.datasets import input_pipeline  # noqa: E402
 
 
@@ -115,9 +115,7 @@ def margin_model(config, workdir: Path):
   for stage in ('prepare', 'margin_model'):
     pipeline.run(config, workdir, stage=stage)
   prepared = datasets.prepare(config.data, config.data.data_dir, build=False)
-  model, variables = train.restore_ema_variables(
-    config, workdir / 'margin_model', prepared.real_train.image_shape
-  )
+  model, variables = model_io.restore_ema_variables(config.model, workdir / 'margin_model')
   log(f'margin model: {config.margin_model.num_steps} steps of {config.train.loss}')
   return prepared, model, variables
 

@@ -263,15 +263,13 @@ def run_one(opts: Options, setting: Setting, seed: int) -> dict[str, Any]:
 
 def run_autoattack(opts: Options, setting: Setting, seed: int) -> float:
   """AutoAttack standard on one trained run (the library's evaluator; resumable)."""
-  from puma_jax import artifacts, datasets, evaluate, train  # noqa: PLC0415
+  from puma_jax import artifacts, datasets, evaluate, model_io  # noqa: PLC0415
 
   workdir = run_dir(opts, setting, seed)
   config = run_config(opts, setting, seed)
   config.eval.autoattack = 'standard'
   prepared = datasets.prepare(config.data, config.data.data_dir, build=False)
-  model, variables = train.restore_ema_variables(
-    config, workdir / 'train', prepared.real_test.image_shape
-  )
+  model, variables = model_io.restore_ema_variables(config.model, workdir / 'train')
   rep = evaluate.evaluate_workdir(
     config,
     model,
