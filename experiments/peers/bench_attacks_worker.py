@@ -27,10 +27,9 @@ import os
 import sys
 import time
 
+import deepfool
 import numpy as np
 import torch
-
-import deepfool
 import torch_models
 import train_steps
 

@@ -22,10 +22,9 @@ import os
 import sys
 import time
 
+import autoattack_runners
 import numpy as np
 import torch
-
-import autoattack_runners
 import torch_models
 
 

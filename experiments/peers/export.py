@@ -20,7 +20,6 @@ experiments/bench_attacks.py times both sides on; as a script:
 import argparse
 import functools
 import io
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,9 @@ FIELDS = {
 CLASSES = {'small_cnn': small_cnn.SmallCNN, 'preact_resnet18': preact_resnet.PreActResNet18}
 # experiments/bench_attacks.py's models: the peer benchmark's CIFAR CNN and ResNet-18.
 BENCH_MODELS = {
-  'small_cnn': dict(conv_channels=(32, 64, 128), pool_after=(False, True, True), dense_widths=(256,)),
+  'small_cnn': dict(
+    conv_channels=(32, 64, 128), pool_after=(False, True, True), dense_widths=(256,)
+  ),
   'preact_resnet18': {},
 }
 
@@ -92,7 +93,9 @@ def _small_cnn_state_dict(variables: Any, arch: dict[str, Any]) -> dict[str, np.
     if j == 0:
       if kernel.shape[0] != h * w * channels:
         raise ValueError(f'fc1 has {kernel.shape[0]} inputs; the conv map is {h}x{w}x{channels}')
-      kernel = kernel.reshape(h, w, channels, -1).transpose(2, 0, 1, 3).reshape(h * w * channels, -1)
+      kernel = (
+        kernel.reshape(h, w, channels, -1).transpose(2, 0, 1, 3).reshape(h * w * channels, -1)
+      )
     sd[f'fc{j + 1}.weight'] = kernel.T
     sd[f'fc{j + 1}.bias'] = _np(p['bias'])
   return {k: np.ascontiguousarray(v) for k, v in sd.items()}

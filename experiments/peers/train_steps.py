@@ -18,7 +18,6 @@ momentum 0.9, weight decay 5e-4 (on every parameter, as torch.optim.SGD does).
 
 import torch
 import torch.nn.functional as F
-
 from deepfool import frozen
 
 
