@@ -203,3 +203,20 @@ def test_peer_modules_import_neither_jax_nor_puma_jax():
   for path in sorted(peers.HERE.glob('*.py')):
     if path.name not in ('__init__.py', 'export.py'):
       assert not pattern.search(path.read_text()), path
+
+
+def test_setup_script_refuses_bad_input_before_building(tmp_path):
+  script = str(peers.HERE / 'setup_venv.sh')
+  proc = subprocess.run(['bash', script, str(tmp_path)], capture_output=True, text=True)
+  assert proc.returncode == 2 and 'already exists' in proc.stderr
+  env = {'PATH': '/usr/bin:/bin', 'AUTOATTACK_SRC': str(tmp_path)}
+  target = tmp_path / 'venv'
+  proc = subprocess.run(['bash', script, str(target)], capture_output=True, text=True, env=env)
+  assert proc.returncode == 2 and 'not a checkout of fra31/auto-attack' in proc.stderr
+  assert not target.exists()
+  text = (peers.HERE / 'requirements.txt').read_text()
+  lines = [line for line in text.splitlines() if line and not line.startswith('#')]
+  pins = [line.split('#')[0].strip() for line in lines]
+  assert all('==' in p for p in pins), pins
+  no_deps = {p.split('==')[0] for p, line in zip(pins, lines, strict=True) if '# no-deps' in line}
+  assert no_deps == {'torchattacks', 'foolbox', 'eagerpy'}

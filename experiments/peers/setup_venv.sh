@@ -35,9 +35,9 @@ mkdir -p "$(dirname "$V")"
 PIP=("$V/bin/python" -m pip install --disable-pip-version-check)
 
 # torch and the runtime dependencies of the packages below, with their own dependencies.
-"${PIP[@]}" -r <(grep -v -- '# no-deps' "$REQ")
+"${PIP[@]}" -r <(grep -v -- '^[^#].*# no-deps' "$REQ")
 # torchattacks, foolbox, eagerpy without dependencies (they would pull another torch).
-"${PIP[@]}" --no-deps -r <(grep -- '# no-deps' "$REQ" | sed 's/#.*//')
+"${PIP[@]}" --no-deps -r <(grep -- '^[^#].*# no-deps' "$REQ" | sed 's/#.*//')
 # The original AutoAttack (no dependencies besides torch and numpy).
 if [ -n "${AUTOATTACK_SRC:-}" ]; then
   "${PIP[@]}" --no-deps "$AUTOATTACK_SRC"
