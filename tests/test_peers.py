@@ -139,7 +139,7 @@ def test_torch_deepfool_matches_puma_jax(tmp_path, norm):
   x = np.random.default_rng(1).uniform(size=(32, 16, 16, 3)).astype(np.float32)
   variables = export.random_variables(model, x, seed=2)
   labels = _jax_logits(model, variables, x).argmax(-1)
-  res = deepfool.deepfool(
+  res = deepfool(
     lambda z: model.apply(variables, z),
     jnp.asarray(x),
     jnp.asarray(labels),
