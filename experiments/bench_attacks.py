@@ -1,33 +1,36 @@
 """DeepFool and adversarial-training steps in JAX against the PyTorch peers, same run.
 
-Loads the models, weights and inputs that the peer benchmark exports
-(../shared/peers/peer_bench.py: weights_<model>.npz, inputs.npz, labels, margins,
-iteration counts, FLOP counts in results.json) and times, alternating with the
-peers' own code in a worker process of the peer virtualenv
-(experiments/bench_attacks_peer.py imports their code):
+The models (the peer benchmark's CIFAR small CNN and PreAct ResNet-18, random init,
+BatchNorm statistics of the inputs) and 256 uniform random 32x32x3 inputs are exported by
+experiments/peers/export.py into `--artifacts` (done here when the folder lacks them). Both
+sides time on exactly those weights and inputs; the PyTorch side runs, alternating with
+ours, in a worker process of the peer virtualenv (experiments/peers/bench_attacks_worker.py,
+with `--peers`; see docs/peers.md):
 
-* `deepfool`: `puma_jax.attacks.deepfool` (L2, overshoot 0.02, 50 iterations, 10
-  candidates, iterates clipped to [0, 1]) against the peers' batched DeepFool:
-  samples/s, the agreement of the margins in the peers' definition
-  (||clip(final iterate) - x||_2, overshoot included, i.e. ||perturbation||_2);
+* `deepfool`: `puma_jax.attacks.deepfool` (`--norm` l2 or linf, overshoot 0.02, 50
+  iterations, all 10 classes as candidates, iterates clipped to [0, 1]) against the
+  peers' DeepFool (`--peer-impls`: experiments/peers/deepfool.py's `batched` and
+  `chunked`, foolbox, torchattacks): samples/s, and the agreement of the margins with
+  the peers' `batched` in the peers' definition (||clip(final iterate) - x||_p, overshoot
+  included, i.e. ||perturbation||_p);
 * `train`: our real train step (`puma_jax.train.make_jit_train_step`: jit, state
   replicated and donated, batch split over the ('data',) mesh) for PGD-AT and
   TRADES, configured like the peers' steps (Linf eps 8/255, 10 steps of 2/255,
   SGD lr 0.1 momentum 0.9 weight decay 5e-4, TRADES beta 6), against the peers'
-  `pgd_at_step` / `trades_step` at batch 128: examples/s, examples per CPU-second;
+  steps (experiments/peers/train_steps.py) at batch 128: examples/s, examples per
+  CPU-second;
 * `conv_grads`: each conv of the models at the train batch, forward against its
   kernel gradient by JAX's rule and by `layers.conv2d` (GFLOP/s of CPU time).
 
 Every timed run records its CPU utilisation; rates are also given as a fraction of
-the FLOP floor (the peers' FLOP counts at the GEMM peak).
+the FLOP floor: the conv/matmul FLOPs of the model's forward pass (counted from its
+jaxpr; a backward pass to the input counted as one forward, a full backward as two) at
+the GEMM peak.
 
 Setup (once), then the benchmark (about 15 minutes on 2 quiet cores):
 
-  bash ../shared/peers/setup_venv.sh /work/peers-venv
-  /work/peers-venv/bin/python ../shared/peers/peer_bench.py --out /work/peers_out \\
-      --impls clean --sections deepfool --repeats 1 --skip-fp64 --skip-default-usage
-  PYTHONPATH=. python experiments/bench_attacks.py --artifacts /work/peers_out \\
-      --peers-dir ../shared/peers --peer-python /work/peers-venv/bin/python \\
+  bash experiments/peers/setup_venv.sh        # the peer virtualenv, see docs/peers.md
+  PYTHONPATH=. python experiments/bench_attacks.py --peers \\
       [--sections deepfool,train,conv_grads] [--models small_cnn,preact_resnet18]
 """
 
@@ -45,19 +48,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import step_profile
+from experiments import peers, step_profile
+from experiments.peers import export
 from puma_jax import config_base, models, parallel, steps, train
 from puma_jax.attacks import deepfool
 from puma_jax.models import layers
 
 # The peer models as configurations of ours.
-MODEL_KWARGS = {
-  'small_cnn': dict(
-    conv_channels=(32, 64, 128), pool_after=(False, True, True), dense_widths=(256,)
-  ),
-  'preact_resnet18': {},
-}
-DEEPFOOL = dict(norm='l2', num_candidates=10, overshoot=0.02, max_iter=50, clip=(0.0, 1.0))
+MODEL_KWARGS = export.BENCH_MODELS
+DEEPFOOL = dict(num_candidates=10, overshoot=0.02, max_iter=50, clip=(0.0, 1.0))
+PEER_IMPLS = ('batched', 'chunked', 'foolbox', 'torchattacks')
 NUM_CLASSES = 10
 SECTIONS = ('deepfool', 'train', 'conv_grads')
 CORES = len(os.sched_getaffinity(0))  # what this process may run on (taskset included)
@@ -70,14 +70,12 @@ def log(*a):
 class Peer:
   """The peer worker subprocess (PyTorch in the peer virtualenv)."""
 
-  def __init__(self, python: str, peers_dir: str, artifacts: str, threads: int):
-    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'bench_attacks_peer.py')
+  def __init__(self, python: str, artifacts: str, threads: int):
+    worker = str(peers.HERE / 'bench_attacks_worker.py')
     self.proc = subprocess.Popen(
       [
         python,
         worker,
-        '--peers-dir',
-        peers_dir,
         '--artifacts',
         artifacts,
         '--threads',
@@ -148,37 +146,83 @@ def gemm_peak_numpy() -> float:
   return 2 * 4096**3 / sorted(ts)[1] / 1e9
 
 
+def _dot_flops(eqn) -> int:
+  (contract, _), _ = eqn.params['dimension_numbers']
+  lhs = eqn.invars[0].aval.shape
+  return 2 * int(np.prod(eqn.outvars[0].aval.shape)) * int(np.prod([lhs[d] for d in contract]))
+
+
+def _conv_flops(eqn) -> int:
+  rhs = eqn.invars[1].aval.shape  # HWIO
+  return 2 * int(np.prod(eqn.outvars[0].aval.shape)) * int(np.prod(rhs[:-1]))
+
+
+def model_flops(name: str) -> dict[str, float]:
+  """Per-example conv/matmul FLOPs of the model (2 per multiply-add) at batch 1.
+
+  The forward pass is counted from its jaxpr; a backward pass to the input only is
+  counted as one forward pass and a full backward (parameters and activations) as two,
+  the usual rule, which the training-step counts build on:
+  PGD-AT = 10 (fwd + bwd_in) + fwd + bwd_full; TRADES = fwd + 10 (fwd + bwd_in) + 2 fwd +
+  2 bwd_full (the clean softmax, the attack, the clean and adversarial passes).
+  """
+  model = models.create(name, num_classes=NUM_CLASSES, **MODEL_KWARGS[name])
+  x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+  jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x).jaxpr
+  fwd = sum(_conv_flops(e) for e in _conv_eqns(jaxpr)) + sum(
+    _dot_flops(e) for e in _dot_eqns(jaxpr)
+  )
+  f, bi, bf = fwd, fwd, 2 * fwd
+  return {
+    'fwd': f,
+    'bwd_input_only': bi,
+    'bwd_params_and_activations': bf,
+    'pgd_at_step_flops_per_example': 10 * (f + bi) + f + bf,
+    'trades_step_flops_per_example': f + 10 * (f + bi) + 2 * f + 2 * bf,
+  }
+
+
 def floor_rate(iters: np.ndarray, flops: dict, peak_gflops: float) -> float:
-  """Samples/s at the GEMM peak for the peers' DeepFool floor (reference iteration counts)."""
+  """Samples/s at the GEMM peak for the DeepFool floor (JAX's iteration counts)."""
   it = iters.astype(np.float64)
   total = np.sum((it + 1) * flops['fwd'] + it * (NUM_CLASSES - 1) * flops['bwd_input_only'])
   return len(it) / (total / (peak_gflops * 1e9))
 
 
-def bench_deepfool(name, args, peer, peak, recorded):
-  art = args.artifacts
+def load_model(name, art):
+  """(Flax module, variables) of the exported model `name` (its PyTorch state_dict)."""
   kw = MODEL_KWARGS[name]
   model = models.create(name, num_classes=NUM_CLASSES, **kw)
-  variables = models.import_torch_npz(name, os.path.join(art, f'weights_{name}.npz'), **kw)
+  path = os.path.join(art, name, 'model.npz')
+  return model, models.import_torch_npz(name, path, **kw)
+
+
+def bench_deepfool(name, args, peer, peak, flops):
+  art = args.artifacts
+  model, variables = load_model(name, art)
   x = np.load(os.path.join(art, 'inputs.npz'))['x_nhwc'][: args.n]
-  labels = np.load(os.path.join(art, f'labels_{name}.npy'))[: args.n].astype(np.int32)
-  ref_logits = np.load(os.path.join(art, f'logits_{name}.npy'))[: args.n]
-  ref_margins = np.load(os.path.join(art, f'margins_{name}_clean.npy'))[: args.n]
-  ref_iters = np.load(os.path.join(art, f'iters_{name}_clean.npy'))[: args.n]
+  with np.load(os.path.join(art, name, 'reference.npz')) as f:
+    labels, ref_logits = f['labels'][: args.n].astype(np.int32), f['logits'][: args.n]
   apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
   logits_diff = float(np.abs(np.asarray(apply(variables, x)) - ref_logits).max())
-  log(f'=== {name}: max |logits - peer logits| = {logits_diff:.1e}')
+  log(
+    f'=== {name}: max |logits after the PyTorch round trip - exported logits| = {logits_diff:.1e}'
+  )
 
-  out = {'logits_max_abs_diff': logits_diff, 'jax': {}, 'peer': {}}
+  out = {'logits_max_abs_diff': logits_diff, 'jax': {}, 'peer': {}, 'norm': args.norm}
   if peer is not None:
-    peer(cmd='load', model=name)
+    out['peer_logits_max_abs_diff'] = peer(cmd='load', model=name)['logits_max_abs_diff']
+    log(f'  max |PyTorch logits - JAX logits| = {out["peer_logits_max_abs_diff"]:.1e}')
   x_dev, y_dev = jnp.asarray(x), jnp.asarray(labels)
   jax_fns = {}
   num_devices = jax.device_count()
   for bs in args.batch_sizes:
 
     def one_device(x, y, v, bs=bs):
-      return deepfool(lambda z: model.apply(v, z, train=False), x, y, batch_size=bs, **DEEPFOOL)
+      return deepfool(
+        lambda z: model.apply(v, z, train=False), x, y, batch_size=bs, norm=args.norm, **DEEPFOOL
+      )
 
     variants = {f'jax_b{bs}': (jax.jit(one_device), (x_dev, y_dev, variables))}
     if num_devices > 1 and args.n % num_devices == 0:
@@ -209,29 +253,37 @@ def bench_deepfool(name, args, peer, peak, recorded):
       results[key] = res
       log(f'  rep {rep} {key}: {args.n / t["wall_s"]:.2f} samples/s (cpu {t["cpu_util"]:.2f})')
     for impl in args.peer_impls if peer else []:
-      t = peer(cmd='deepfool', model=name, impl=impl, n=args.n)
+      t = peer(cmd='deepfool', model=name, impl=impl, n=args.n, norm=args.norm)
       results[f'peer_{impl}'] = t.pop('margins')
+      iterations = t.pop('iterations', None)
+      if impl == 'batched' or (impl == 'chunked' and 'ref_margins' not in out):
+        out['ref_impl'], out['ref_margins'] = f'peer_{impl}', results[f'peer_{impl}']
+        out['ref_iterations'] = iterations
       runs[f'peer_{impl}'].append(t)
       log(
         f'  rep {rep} peer {impl}: {args.n / t["wall_s"]:.2f} samples/s (cpu {t["cpu_util"]:.2f})'
       )
 
-  flops = recorded['models'][name]
-  floor = floor_rate(ref_iters, flops, peak)
+  jax_iters = np.asarray(results[next(iter(jax_fns))].iterations)
+  floor = floor_rate(jax_iters, flops, peak)
+  ref_margins, ref_iters = out.pop('ref_margins', None), out.pop('ref_iterations', None)
   for key, rs in runs.items():
     row = summarize(rs, args.n)
     row['fraction_of_floor'] = row['rate_median'] / floor
     if key.startswith('jax'):
       res = results[key]
       pert = np.asarray(res.perturbation, np.float64).reshape(args.n, -1)
-      peer_def = np.linalg.norm(pert, axis=1)
-      row['agreement_vs_saved_clean'] = agreement(ref_margins, peer_def)
-      row['iterations_equal_frac'] = float(np.mean(np.asarray(res.iterations) == ref_iters))
+      peer_def = np.linalg.norm(pert, axis=1) if args.norm == 'l2' else np.abs(pert).max(axis=1)
+      if ref_margins is not None:
+        row['agreement_vs_peer'] = agreement(ref_margins, peer_def)
+      if ref_iters is not None:
+        row['iterations_equal_frac'] = float(np.mean(np.asarray(res.iterations) == ref_iters))
       row['converged_frac'] = float(np.mean(res.converged))
       row['margin_median'] = float(np.median(res.margin))
       out['jax'][key] = row
     else:
-      row['agreement_vs_saved_clean'] = agreement(ref_margins, results[key])
+      if ref_margins is not None:
+        row['agreement_vs_peer'] = agreement(ref_margins, results[key])
       out['peer'][key] = row
   out['floor_samples_per_s'] = floor
   return out
@@ -275,7 +327,7 @@ def train_config(kind: str, batch_size: int):
   return config
 
 
-def train_step_rows(name, args, peer, recorded):
+def train_step_rows(name, args, peer, flops):
   """The real JAX train step (puma_jax.train.make_jit_train_step) and the peers' steps.
 
   PGD-AT and TRADES on the exported weights and the first `--train-batch` inputs and
@@ -283,11 +335,7 @@ def train_step_rows(name, args, peer, recorded):
   replicated on the mesh and donated, the batch split over its 'data' axis. Each timed
   call is one step (compiled and warmed up first); JAX and peer steps alternate.
   """
-  kw = MODEL_KWARGS[name]
-  model = models.create(name, num_classes=NUM_CLASSES, **kw)
-  variables = models.import_torch_npz(
-    name, os.path.join(args.artifacts, f'weights_{name}.npz'), **kw
-  )
+  model, variables = load_model(name, args.artifacts)
   mesh = parallel.make_mesh(jax.devices()[: args.mesh_devices or None])
   inputs = np.load(os.path.join(args.artifacts, 'inputs.npz'))
   b = args.train_batch
@@ -300,7 +348,6 @@ def train_step_rows(name, args, peer, recorded):
   }
   batch = parallel.shard_batch(batch, mesh)
   rng = jax.random.key(0)
-  flops = recorded['models'][name]
 
   jit_steps, states = {}, {}
   for kind in TRAIN_KINDS:
@@ -369,7 +416,7 @@ def train_step_rows(name, args, peer, recorded):
       profile, (states[kind], _) = step_profile.profile_call(
         jit_steps[kind], states[kind], batch, rng
       )
-      profile['step_gflop_peers'] = b * flops[f'{kind}_step_flops_per_example'] / 1e9
+      profile['step_gflop_counted'] = b * flops[f'{kind}_step_flops_per_example'] / 1e9
       rows[f'jax_{kind}_profile'] = profile
       log(
         f'  jax {kind} profiled: {profile["matmul_thread_s"]:.1f} thread-s in conv/matmul '
@@ -393,16 +440,24 @@ def train_step_rows(name, args, peer, recorded):
   return rows
 
 
-def _conv_eqns(jaxpr):
-  """The conv_general_dilated equations of a jaxpr, nested ones (custom_vjp) included."""
+def _eqns(jaxpr, primitive: str):
+  """The `primitive` equations of a jaxpr, nested ones (custom_vjp, pjit) included."""
   for eqn in jaxpr.eqns:
-    if eqn.primitive.name == 'conv_general_dilated':
+    if eqn.primitive.name == primitive:
       yield eqn
     for value in eqn.params.values():
       for sub in value if isinstance(value, tuple | list) else (value,):
         sub = getattr(sub, 'jaxpr', sub)
         if hasattr(sub, 'eqns'):
-          yield from _conv_eqns(sub)
+          yield from _eqns(sub, primitive)
+
+
+def _conv_eqns(jaxpr):
+  return _eqns(jaxpr, 'conv_general_dilated')
+
+
+def _dot_eqns(jaxpr):
+  return _eqns(jaxpr, 'dot_general')
 
 
 def _kernel_grad_fn(conv):
@@ -483,19 +538,27 @@ def _rate(row) -> str:
 
 def render_deepfool(report) -> list[str]:
   lines = [
-    '| model | implementation | samples/s median | [worst, best] | % of floor | min CPU util '
-    '| median rel diff vs peer clean | within atol 3e-4 rtol 1e-3 |',
-    '|---|---|---:|---|---:|---:|---:|---:|',
+    '| model | norm | implementation | samples/s median | [worst, best] | % of floor '
+    '| min CPU util | median rel diff vs the reference | within atol 3e-4 rtol 1e-3 |',
+    '|---|---|---|---:|---|---:|---:|---:|---:|',
   ]
   for name, d in report['deepfool'].items():
     for key, row in {**d['jax'], **d['peer']}.items():
-      a = row['agreement_vs_saved_clean']
+      a = row.get('agreement_vs_peer')
+      agree = '- | -' if a is None else f'{a["median_rel"]:.1e} | {100 * a["frac_allclose"]:.1f}%'
+      if key == d.get('ref_impl'):
+        agree = '(reference) | '
       lines.append(
-        f'| {name} | {key} | {row["rate_median"]:.2f} | [{row["rate_worst"]:.2f}, '
-        f'{row["rate_best"]:.2f}] | {100 * row["fraction_of_floor"]:.0f}% | '
-        f'{row["cpu_util_min"]:.2f} | {a["median_rel"]:.1e} | {100 * a["frac_allclose"]:.1f}% |'
+        f'| {name} | {d["norm"]} | {key} | {row["rate_median"]:.2f} | '
+        f'[{row["rate_worst"]:.2f}, {row["rate_best"]:.2f}] | '
+        f'{100 * row["fraction_of_floor"]:.0f}% | {row["cpu_util_min"]:.2f} | {agree} |'
       )
-    lines.append(f'| {name} | *floor* | {d["floor_samples_per_s"]:.1f} | | 100% | | | |')
+    lines.append(f'| {name} | | *floor* | {d["floor_samples_per_s"]:.1f} | | 100% | | | |')
+    if 'peer_logits_max_abs_diff' in d:
+      lines.append(
+        f'\n{name}: max |PyTorch logits - JAX logits| = {d["peer_logits_max_abs_diff"]:.1e}; '
+        f'margins compared with {d.get("ref_impl", "no peer")}'
+      )
     best_jax = max(r['rate_median'] for r in d['jax'].values())
     for key, row in d['peer'].items():
       lines.append(f'\n{name}: best JAX / {key} = {best_jax / row["rate_median"]:.2f}x')
@@ -509,7 +572,7 @@ def _profile_note(name, kind, prof, batch) -> str:
   return (
     f'{name} {kind}, one JAX step under jax.profiler: {100 * prof["matmul_thread_s"] / total:.1f}% '
     f"of its threads' busy time is in conv/matmul kernels, which execute "
-    f'{prof["matmul_gflop"]:.0f} GFLOP (the peers count {prof["step_gflop_peers"]:.0f} for the '
+    f'{prof["matmul_gflop"]:.0f} GFLOP (the analytic count is {prof["step_gflop_counted"]:.0f} for the '
     f'step) at {prof["matmul_gflops_per_thread"]:.1f} GFLOP/s per thread; the other '
     f'{prof["other_thread_s"]:.2f} thread-s (largest kinds, thread-s: {top}). With no time '
     f'outside those kernels, on {threads} threads, the step would give '
@@ -612,8 +675,7 @@ def render_conv_grads(report) -> list[str]:
 def render(report) -> str:
   lines = [
     f'GEMM peak used for the floors: {report["peak_gflops"]:.0f} GFLOP/s (this run: numpy '
-    f'{report["gemm"]["numpy"]:.0f}, torch {report["gemm"].get("torch", float("nan")):.0f}; '
-    f'recorded with the artifacts: {report["gemm"]["recorded_with_artifacts"]:.0f}); '
+    f'{report["gemm"]["numpy"]:.0f}, torch {report["gemm"].get("torch", float("nan")):.0f}); '
     f'load average at the end {tuple(round(v, 1) for v in report["loadavg_end"])}',
     f'This run: {report["wall_s"]:.0f} s wall; CPU time {report["cpu_s"]["jax_process"]:.0f} s '
     f'(JAX process) + {report["cpu_s"]["peer_worker"]:.0f} s (PyTorch worker).',
@@ -632,17 +694,29 @@ def main():
   ap = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
-  ap.add_argument('--artifacts', required=True, help='output folder of peer_bench.py')
-  ap.add_argument('--peers-dir', help='folder holding peer_bench.py (for the live peer runs)')
   ap.add_argument(
-    '--peer-python', help='python of the peer virtualenv; omit to skip live peer runs'
+    '--artifacts',
+    default=str(peers.REPO / 'bench_out' / 'peer_artifacts'),
+    help='folder of the exported models and inputs (experiments/peers/export.py); what it '
+    'lacks is exported first',
   )
+  ap.add_argument(
+    '--peers',
+    action='store_true',
+    help='also run the PyTorch peers, in the peer virtualenv ($PUMA_PEERS_VENV, else '
+    '.peers/venv; build it with `bash experiments/peers/setup_venv.sh`)',
+  )
+  ap.add_argument('--peer-python', help='the peer interpreter (implies --peers)')
+  ap.add_argument('--norm', default='l2', choices=['l2', 'linf'], help='DeepFool norm')
   ap.add_argument('--models', default='small_cnn,preact_resnet18')
   ap.add_argument('--n', type=int, default=256)
   ap.add_argument('--batch-sizes', default='4,8', help='comma list of deepfool batch_size values')
   ap.add_argument('--repeats', type=int, default=3)
   ap.add_argument(
-    '--peer-impls', default='clean_tuned', help='comma list: clean_tuned,clean,foolbox'
+    '--peer-impls',
+    default='batched,chunked',
+    help=f'comma list of {",".join(PEER_IMPLS)} (torchattacks: L2 only, one example at a '
+    "time); 'batched' is the reference of the margin agreement",
   )
   ap.add_argument('--threads', type=int, default=2, help='torch threads in the peer worker')
   ap.add_argument(
@@ -678,6 +752,9 @@ def main():
   args = ap.parse_args()
   args.batch_sizes = [int(b) for b in args.batch_sizes.split(',')]
   args.peer_impls = [i for i in args.peer_impls.split(',') if i]
+  unknown = sorted(set(args.peer_impls) - set(PEER_IMPLS))
+  if unknown:
+    sys.exit(f'--peer-impls: unknown {unknown}; choose from {",".join(PEER_IMPLS)}')
   args.sections = [x for x in args.sections.split(',') if x] + (['train'] if args.train else [])
   unknown = sorted(set(args.sections) - set(SECTIONS))
   if unknown:
@@ -690,36 +767,41 @@ def main():
     sys.exit(f'--mesh-devices {args.mesh_devices}: this process has {jax.device_count()} devices')
   if args.train_batch % (args.mesh_devices or jax.device_count()):
     sys.exit(f"--train-batch {args.train_batch} must divide over the mesh's devices")
-  for f in ('inputs.npz', 'results.json'):
-    if not os.path.exists(os.path.join(args.artifacts, f)):
-      sys.exit(f'--artifacts {args.artifacts} lacks {f}: run peer_bench.py --out there first')
-  with open(os.path.join(args.artifacts, 'results.json')) as f:
-    recorded = json.load(f)
+  inputs = os.path.join(args.artifacts, 'inputs.npz')
+  have = os.path.exists(inputs) and len(np.load(inputs)['x_nhwc']) >= args.n
+  if not have or not all(
+    os.path.exists(os.path.join(args.artifacts, m, 'reference.npz')) for m in args.models
+  ):
+    log(f'exporting the models and {max(args.n, args.train_batch)} inputs to {args.artifacts}')
+    export.write_bench_artifacts(args.artifacts, args.models, max(args.n, args.train_batch))
 
   peer = None
-  if args.peer_python:
-    if not args.peers_dir or not os.path.exists(os.path.join(args.peers_dir, 'peer_bench.py')):
-      sys.exit('--peer-python needs --peers-dir, the folder holding peer_bench.py')
-    peer = Peer(args.peer_python, args.peers_dir, args.artifacts, args.threads)
+  if args.peers or args.peer_python:
+    python = args.peer_python or str(peers.python())
+    if not os.path.exists(python):
+      sys.exit(peers.missing_venv_message(python))
+    peer = Peer(python, args.artifacts, args.threads)
   t_start = time.perf_counter()
   try:
     log(f'jax {jax.__version__} on {jax.devices()}, XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
     gemm = {'numpy': gemm_peak_numpy()}
     if peer is not None:
       gemm['torch'] = peer(cmd='gemm')['gflops']
-    # A GEMM timed while other processes hold the cores reads low and would inflate the
-    # fraction of the floor; the peak recorded with the artifacts bounds it from below.
-    recorded_peak = recorded.get('cpu_peak', {}).get('peak_used_for_floors_gflops', 0.0)
-    gemm['recorded_with_artifacts'] = recorded_peak
+    # A GEMM timed while other processes hold the cores reads low and inflates the
+    # fractions of the floor: quote them from a quiet machine.
     args.peak_gflops = max(gemm.values())
+    flops = {name: model_flops(name) for name in args.models}
     report = {'gemm': gemm, 'peak_gflops': args.peak_gflops, 'config': vars(args)}
     if 'deepfool' in args.sections:
       report['deepfool'] = {
-        name: bench_deepfool(name, args, peer, args.peak_gflops, recorded) for name in args.models
+        name: bench_deepfool(name, args, peer, args.peak_gflops, flops[name])
+        for name in args.models
       }
     if 'train' in args.sections:
       log('=== train steps')
-      report['train'] = {name: train_step_rows(name, args, peer, recorded) for name in args.models}
+      report['train'] = {
+        name: train_step_rows(name, args, peer, flops[name]) for name in args.models
+      }
     if 'conv_grads' in args.sections:
       log('=== conv kernel gradients')
       report['conv_grads'] = {name: conv_grad_rows(name, args) for name in args.models}

@@ -1,4 +1,4 @@
-r"""AutoAttack in JAX against torchattacks' AutoAttack, on the same trained weights and inputs.
+r"""AutoAttack in JAX against the original AutoAttack and torchattacks', on the same weights and inputs.
 
 The model is the trained model of a finished pipeline run (the EMA weights of
 `<workdir>/train`, as the pipeline's evaluation uses them) and the inputs are the
@@ -10,40 +10,41 @@ attack them, one after the other, never at the same time:
   `--batch_size`, with the per-example keys that `puma_jax.evaluate` uses, so its
   flags equal the pipeline's own evaluation (checked when `<workdir>/evaluate`
   holds comparable results).
-* PyTorch: the same weights exported to an equivalent PyTorch SmallCNN (OIHW
-  convs, (out, in) linears, `fc1` permuted to PyTorch's CHW flatten) and attacked
-  by `torchattacks.AutoAttack(version='standard', norm, eps, n_classes, seed)`
-  in the peer virtualenv (experiments/bench_eval_peer.py, run as a subprocess
-  with `--peer_python`; weights and inputs travel as .npz files). Before any
-  attack the peer checks that its logits equal the JAX logits.
+* PyTorch (`--peers`): the same weights exported to the equivalent PyTorch model
+  (experiments/peers/export.py: model.json and a state_dict .npz; small_cnn and
+  preact_resnet18) and attacked in the peer virtualenv
+  (experiments/peers/bench_eval_worker.py, one subprocess per run) by
+  - `autoattack`: the original AutoAttack (fra31/auto-attack, version='standard'),
+    the reference that `run_standard` follows;
+  - `torchattacks`: `torchattacks.AutoAttack(version='standard')`.
+  Before any attack the peer checks that its logits equal the JAX logits.
 
 Budgets. torchattacks' "standard" AutoAttack (3.5.1) runs APGD-CE, APGD-T and
-FAB-T with 10 iterations each, where the reference AutoAttack (fra31/auto-attack)
-and `run_standard` use 100; both use 9 target classes and 5,000 Square queries.
-So the script runs, by default, JAX at both budgets (`standard`: the reference's;
-`torchattacks`: the peer's) and torchattacks as shipped: the like-for-like
-comparison is JAX `torchattacks` against the peer `torchattacks`, and JAX
-`standard` is what the pipeline reports. `--peer_budgets=standard` also runs
-torchattacks' own attack classes at the reference budgets (slow).
+FAB-T with 10 iterations each, where the original AutoAttack and `run_standard`
+use 100; all use 9 target classes and 5,000 Square queries. So the script runs,
+by default, JAX at both budgets (`standard`: the reference's; `torchattacks`: the
+peer's), the original AutoAttack at `--autoattack_budgets` (standard) and
+torchattacks as shipped (`--peer_budgets`): the like-for-like comparisons are JAX
+`standard` against the original and JAX `torchattacks` against torchattacks.
 
 Printed side by side: clean accuracy, robust accuracy after each attack, wall
-and CPU time (JAX compilation separately), the agreement of the final flags
-(examples robust in one run but not the other), and each like-for-like verdict
-against the issue's target (the same robust accuracy within 0.5 points, in less
-time). Fairness: both sides run on the same `--threads` cores (CPU affinity, set
-before JAX starts its thread pool; torch.set_num_threads in the peer), with the
-peer's model parameters frozen (no weight gradients), and one side at a time.
+and CPU time (JAX compilation separately), the per-example agreement of the flags
+after each attack and the examples whose final flags differ, and each
+like-for-like verdict against its target (the same robust accuracy within 1 point
+of the original AutoAttack, within 0.5 points of torchattacks, in less time).
+Fairness: both sides run on the same `--threads` cores (CPU affinity, set before
+JAX starts its thread pool; torch.set_num_threads in the peer), with the peer's
+model parameters frozen (no weight gradients), and one side at a time.
 
-Usage (setup of the peer virtualenv once, then the benchmark):
+Usage (the peer virtualenv once, see docs/peers.md; then the benchmark):
 
-  bash ../shared/peers/setup_venv.sh /work/peers-venv
-  PYTHONPATH=. python experiments/bench_eval.py --workdir=/tmp/puma_default \
-      --peer_python=/work/peers-venv/bin/python --out=/tmp/bench_eval
+  bash experiments/peers/setup_venv.sh
+  PYTHONPATH=. python experiments/bench_eval.py --workdir=/tmp/puma_default \\
+      --num_examples=250 --jax_budgets=standard --peers=autoattack --out=/tmp/bench_eval
 """
 
 import argparse
 import functools
-import io
 import json
 import os
 import platform
@@ -58,13 +59,15 @@ from typing import Any
 import jax
 import numpy as np
 
+from experiments import peers
+from experiments.peers import export
 from puma_jax import artifacts, datasets, margins, model_io, parallel
 from puma_jax.attacks import autoattack
 from puma_jax.datasets import input_pipeline
-from puma_jax.models import small_cnn
 from puma_jax.progress import Progress
 
-PEER_SCRIPT = Path(__file__).resolve().with_name('bench_eval_peer.py')
+PEER_SCRIPT = peers.HERE / 'bench_eval_worker.py'
+PEERS = ('autoattack', 'torchattacks')
 
 # AutoAttack budgets: iterations of APGD-CE / APGD-T and of FAB-T (per target), target
 # classes (capped at K - 1), Square's queries.
@@ -78,7 +81,8 @@ BUDGETS = {
   'quick': dict(apgd_steps=5, fab_steps=5, num_targets=9, square_queries=50),
 }
 STAGES = ('clean', 'apgd-ce', 'apgd-t', 'fab-t', 'square')
-TARGET_POINTS = 0.5  # The issue's target: the same robust accuracy within 0.5 points.
+# The targets: the same robust accuracy within this many points of each peer.
+TARGET_POINTS = {'autoattack': 1.0, 'torchattacks': 0.5}
 
 
 def log(*a: Any) -> None:
@@ -92,9 +96,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   ap.add_argument('--workdir', required=True, help='a finished pipeline run (holding train/)')
   ap.add_argument('--num_examples', type=int, default=1000, help='first N test examples')
   ap.add_argument(
+    '--peers',
+    default=','.join(PEERS),
+    help=f'comma list of {PEERS}: the original AutoAttack (fra31/auto-attack) and '
+    "torchattacks'; empty: the JAX side only",
+  )
+  ap.add_argument(
     '--peer_python',
     default='',
-    help='python of the peer virtualenv (torch, torchattacks); empty: JAX side only',
+    help='python of the peer virtualenv (default: $PUMA_PEERS_VENV/bin/python, else '
+    '.peers/venv/bin/python; build it with `bash experiments/peers/setup_venv.sh`)',
   )
   ap.add_argument(
     '--out',
@@ -112,8 +123,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   ap.add_argument(
     '--peer_budgets',
     default='torchattacks',
-    help="'torchattacks' is torchattacks.AutoAttack as shipped; others build the same "
-    'attack classes with those budgets',
+    help="torchattacks' budgets: 'torchattacks' is torchattacks.AutoAttack as shipped; "
+    'others build the same attack classes with those budgets',
+  )
+  ap.add_argument(
+    '--autoattack_budgets',
+    default='standard',
+    help="the original AutoAttack's budgets ('standard': as shipped)",
   )
   ap.add_argument(
     '--batch_size', type=int, default=0, help='examples per call, both sides (0: eval.batch_size)'
@@ -131,6 +147,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   args = ap.parse_args(argv)
   args.jax_budgets = _names(args.jax_budgets, '--jax_budgets', ap)
   args.peer_budgets = _names(args.peer_budgets, '--peer_budgets', ap)
+  args.autoattack_budgets = _names(args.autoattack_budgets, '--autoattack_budgets', ap)
+  args.peers = [p for p in args.peers.split(',') if p]
+  unknown = sorted(set(args.peers) - set(PEERS))
+  if unknown:
+    ap.error(f'--peers: unknown {unknown}; choose from {list(PEERS)}')
   if args.num_examples <= 0:
     ap.error(f'--num_examples must be positive, got {args.num_examples}')
   return args
@@ -196,68 +217,6 @@ def restore_model(config: Any, workdir: Path, image_shape: tuple[int, ...], allo
       'computes in float32, so the two models would differ; benchmark a float32 run'
     )
   return model_io.restore_ema_variables(config.model, train_dir)
-
-
-# ------------------------------------------------------------------ PyTorch export
-
-
-def small_cnn_architecture(model: Any, image_shape: Sequence[int]) -> dict[str, Any]:
-  """The fields the peer needs to build the same SmallCNN in PyTorch (JSON-serialisable)."""
-  if not isinstance(model, small_cnn.SmallCNN):
-    raise SystemExit(
-      f'the PyTorch export handles models.small_cnn.SmallCNN (model.name=small_cnn), '
-      f'not {type(model).__name__}'
-    )
-  return {
-    'image_shape': [int(d) for d in image_shape],
-    'num_classes': int(model.num_classes),
-    'conv_channels': [int(c) for c in model.conv_channels],
-    'pool_after': [bool(p) for p in model.pool_after],
-    'dense_widths': [int(w) for w in model.dense_widths],
-    'kernel_size': int(model.kernel_size),
-    'mean': None if model.mean is None else [float(m) for m in model.mean],
-    'std': None if model.std is None else [float(s) for s in model.std],
-  }
-
-
-def to_torch_state_dict(variables: Any, arch: dict[str, Any]) -> dict[str, np.ndarray]:
-  """A PyTorch `state_dict` (name -> f32 array) of a SmallCNN's Flax variables.
-
-  The inverse of `models.small_cnn.convert_torch_state_dict`: conv kernels HWIO ->
-  OIHW, dense kernels (in, out) -> (out, in), and the rows of `fc1` reordered from
-  this model's HWC flatten to PyTorch's CHW flatten (feature c*H*W + h*W + w) of
-  the last conv block's map, whose size follows from `arch` (2x2 VALID pools).
-  """
-  params = variables['params']
-  h, w = arch['image_shape'][:2]
-  for pool in arch['pool_after']:
-    if pool:
-      h, w = h // 2, w // 2
-  channels = arch['conv_channels'][-1] if arch['conv_channels'] else arch['image_shape'][2]
-  sd = {}
-  for i in range(len(arch['conv_channels'])):
-    p = params[f'conv{i + 1}']
-    sd[f'conv{i + 1}.weight'] = np.asarray(p['kernel'], np.float32).transpose(3, 2, 0, 1)
-    sd[f'conv{i + 1}.bias'] = np.asarray(p['bias'], np.float32)
-  for j in range(len(arch['dense_widths']) + 1):
-    p = params[f'fc{j + 1}']
-    kernel = np.asarray(p['kernel'], np.float32)
-    if j == 0:
-      if kernel.shape[0] != h * w * channels:
-        raise ValueError(f'fc1 has {kernel.shape[0]} inputs; the conv map is {h}x{w}x{channels}')
-      kernel = (
-        kernel.reshape(h, w, channels, -1).transpose(2, 0, 1, 3).reshape(h * w * channels, -1)
-      )
-    sd[f'fc{j + 1}.weight'] = np.ascontiguousarray(kernel.T)
-    sd[f'fc{j + 1}.bias'] = np.asarray(p['bias'], np.float32)
-  return sd
-
-
-def save_npz(path: Path, **arrays: np.ndarray) -> None:
-  """np.savez through a temp file and a rename."""
-  buf = io.BytesIO()
-  np.savez(buf, **arrays)
-  artifacts.write_bytes(path, buf.getvalue())
 
 
 # ---------------------------------------------------------------------------- JAX
@@ -360,6 +319,7 @@ def run_jax(
 def run_peer(
   peer_python: str,
   exchange: Path,
+  peer: str,
   budget: str,
   *,
   eps: float,
@@ -369,41 +329,22 @@ def run_peer(
   batch_size: int,
   logits_tol: float,
 ) -> dict[str, Any]:
-  """Runs bench_eval_peer.py in the peer virtualenv; its JSON reply plus the arrays it wrote."""
-  out = exchange / f'peer_{budget}.npz'
-  cmd = [
-    peer_python,
-    str(PEER_SCRIPT),
-    '--dir',
-    str(exchange),
-    '--out',
-    str(out),
-    '--norm',
-    {'linf': 'Linf', 'l2': 'L2'}[norm],
-    '--eps',
-    repr(float(eps)),
-    '--seed',
-    str(seed),
-    '--threads',
-    str(threads),
-    '--batch_size',
-    str(batch_size),
-    '--logits_tol',
-    repr(float(logits_tol)),
-  ]
-  if budget == 'torchattacks':
-    cmd += ['--autoattack_class']
-  else:
-    b = BUDGETS[budget]
-    cmd += ['--apgd_steps', str(b['apgd_steps']), '--fab_steps', str(b['fab_steps'])]
-    cmd += ['--square_queries', str(b['square_queries'])]
+  """Runs experiments/peers/bench_eval_worker.py (`peer` at `budget`); its reply and arrays."""
+  out = exchange / f'{peer}_{budget}.npz'
+  cmd = [peer_python, str(PEER_SCRIPT), '--dir', str(exchange), '--out', str(out)]
+  cmd += ['--peer', peer, '--norm', norm, '--eps', repr(float(eps)), '--seed', str(seed)]
+  cmd += ['--threads', str(threads), '--batch_size', str(batch_size)]
+  cmd += ['--logits_tol', repr(float(logits_tol))]
+  as_shipped = {'autoattack': 'standard', 'torchattacks': 'torchattacks'}[peer]
+  if budget != as_shipped:
+    cmd += ['--budgets', json.dumps(BUDGETS[budget])]
   env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'XLA_FLAGS')}
   env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
   proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
   if proc.returncode != 0:
     raise SystemExit(
-      f'the peer ({" ".join(cmd[:2])}) failed with exit code {proc.returncode}; see its '
-      'messages above'
+      f'the peer ({" ".join(cmd[:2])} --peer {peer}) failed with exit code {proc.returncode}; '
+      'see its messages above'
     )
   reply = json.loads(proc.stdout.strip().splitlines()[-1])
   with np.load(out) as f:
@@ -422,6 +363,21 @@ def agreement(a: np.ndarray, b: np.ndarray) -> dict[str, int]:
     'only_first': int(np.sum(a & ~b)),
     'only_second': int(np.sum(~a & b)),
     'neither': int(np.sum(~a & ~b)),
+  }
+
+
+def compare(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+  """The per-example agreement of two report rows' flags bool[N, 5] (after every attack)."""
+  fa, fb = first['flags'], second['flags']
+  final_a, final_b = first['robust_final'], second['robust_final']
+  return {
+    'first': first['label'],
+    'second': second['label'],
+    'counts': agreement(final_a, final_b),
+    'same_after_each_attack': {s: int(np.sum(fa[:, i] == fb[:, i])) for i, s in enumerate(STAGES)},
+    'only_first_examples': [int(i) for i in np.flatnonzero(final_a & ~final_b)],
+    'only_second_examples': [int(i) for i in np.flatnonzero(~final_a & final_b)],
+    'difference_points': round(first['accuracy']['square'] - second['accuracy']['square'], 2),
   }
 
 
@@ -463,15 +419,22 @@ def render(report: dict[str, Any]) -> str:
   if report['agreement']:
     lines += [
       '',
-      '| JAX run | peer run | robust in both | JAX only | peer only | neither | '
-      'robust acc. JAX - peer (points) |',
-      '|---|---|---:|---:|---:|---:|---:|',
+      '| JAX run | peer run | same flag after clean / APGD-CE / APGD-T / FAB-T / Square '
+      '| robust in both | JAX only | peer only | neither | robust acc. JAX - peer (points) |',
+      '|---|---|---|---:|---:|---:|---:|---:|',
     ]
     for a in report['agreement']:
       c = a['counts']
+      same = ' / '.join(str(a['same_after_each_attack'][s]) for s in STAGES)
       lines.append(
-        f'| {a["first"]} | {a["second"]} | {c["both"]} | {c["only_first"]} | '
+        f'| {a["first"]} | {a["second"]} | {same} (of {n}) | {c["both"]} | {c["only_first"]} | '
         f'{c["only_second"]} | {c["neither"]} | {a["difference_points"]:+.2f} |'
+      )
+    for a in report['agreement']:
+      lines.append(
+        f'{a["first"]} vs {a["second"]}: robust only for JAX: examples '
+        f'{a["only_first_examples"] or "none"}; robust only for the peer: examples '
+        f'{a["only_second_examples"] or "none"}'
       )
   for row in report['rows']:
     for k in ('clean_prediction_mismatches', 'invalid_adversarial', 'robust_rescored_by_jax'):
@@ -484,32 +447,26 @@ def render(report: dict[str, Any]) -> str:
 
 
 def verdicts(rows: list[dict[str, Any]]) -> list[str]:
-  """The issue's target for every budget both sides ran: robust accuracy and time."""
+  """Each like-for-like target (JAX and a peer at the same budgets): robust accuracy and time."""
   out = []
-  by = {(r['side'], r['budget']): r for r in rows}
-  for (side, budget), jr in by.items():
-    pr = by.get(('torchattacks', budget))
-    if side != 'jax' or pr is None:
-      continue
-    diff = jr['accuracy']['square'] - pr['accuracy']['square']
-    total = jr['wall_s'] + jr['compile_wall_s']
-    same = abs(diff) <= TARGET_POINTS
-    ran = pr['budgets']
-    peer = dict(apgd_steps=ran['apgd_steps'], fab_steps=ran['fab_steps'])
-    peer.update(num_targets=ran['num_targets'], square_queries=ran['square_queries'])
-    if peer != jr['budgets'] or ran['apgdt_steps'] != ran['apgd_steps']:
-      out.append(f'budget {budget!r}: NOT like for like, the peer ran {ran}, JAX {jr["budgets"]}')
-    out.append(
-      f'budget {budget!r}: robust accuracy JAX {jr["accuracy"]["square"]:.2f}% vs torchattacks '
-      f'{pr["accuracy"]["square"]:.2f}% ({diff:+.2f} points; target within {TARGET_POINTS}: '
-      f'{"met" if same else "NOT met"}); attack wall time JAX {jr["wall_s"]:.1f} s '
-      f'({total:.1f} s with compilation) vs {pr["wall_s"]:.1f} s: '
-      f'{pr["wall_s"] / max(jr["wall_s"], 1e-9):.2f}x, with compilation '
-      f'{pr["wall_s"] / max(total, 1e-9):.2f}x (target: less time: '
-      f'{"met" if total < pr["wall_s"] else "NOT met"} with compilation, '
-      f'{"met" if jr["wall_s"] < pr["wall_s"] else "NOT met"} without); CPU time '
-      f'{jr["cpu_s"]:.1f} s vs {pr["cpu_s"]:.1f} s'
-    )
+  for jr in (r for r in rows if r['side'] == 'jax'):
+    for pr in (r for r in rows if r['side'] != 'jax' and r['budget'] == jr['budget']):
+      target = TARGET_POINTS[pr['side']]
+      diff = jr['accuracy']['square'] - pr['accuracy']['square']
+      total = jr['wall_s'] + jr['compile_wall_s']
+      ran = pr['budgets']
+      peer = {k: ran[k] for k in ('apgd_steps', 'fab_steps', 'num_targets', 'square_queries')}
+      if peer != jr['budgets'] or ran['apgdt_steps'] != ran['apgd_steps']:
+        out.append(f'{pr["label"]}: NOT like for like, the peer ran {ran}, JAX {jr["budgets"]}')
+      out.append(
+        f'budget {jr["budget"]!r}: robust accuracy JAX {jr["accuracy"]["square"]:.2f}% vs '
+        f'{pr["side"]} {pr["accuracy"]["square"]:.2f}% ({diff:+.2f} points; target within '
+        f'{target}: {"met" if abs(diff) <= target else "NOT met"}); attack wall time JAX '
+        f'{jr["wall_s"]:.1f} s ({total:.1f} s with compilation) vs {pr["wall_s"]:.1f} s: '
+        f'{pr["wall_s"] / max(jr["wall_s"], 1e-9):.2f}x, with compilation '
+        f'{pr["wall_s"] / max(total, 1e-9):.2f}x; CPU time {jr["cpu_s"]:.1f} s vs '
+        f'{pr["cpu_s"]:.1f} s'
+      )
   return out
 
 
@@ -564,6 +521,7 @@ def jax_row(
     'label': f'JAX ({budget})',
     'budgets': res['budgets'],
     'accuracy': {s: _pct(flags[:, i].sum(), len(x)) for i, s in enumerate(STAGES)},
+    'flags': flags,
     'robust_final': flags[:, -1],
     **{k: res[k] for k in ('wall_s', 'cpu_s', 'compile_wall_s', 'compile_cpu_s')},
     'cpu_util': res['cpu_s'] / max(res['wall_s'] * threads, 1e-9),
@@ -575,6 +533,7 @@ def jax_row(
 
 
 def peer_row(
+  peer: str,
   budget: str,
   rep: dict[str, Any],
   x: np.ndarray,
@@ -589,30 +548,27 @@ def peer_row(
   """The report row of a peer reply; an example counts as broken only by a valid point."""
   x_adv = np.ascontiguousarray(rep['x_adv_nchw'].transpose(0, 2, 3, 1))
   valid = valid_adversarial(x, x_adv, norm=norm, eps=eps)
-  robust_final = (rep['adv_logits'].argmax(-1) == y) | ~valid
-  peer_clean = rep['clean_logits'].argmax(-1) == y
-  counts = rep['records']  # robust after each attack, as torchattacks' MultiAttack counts them
-  acc = {'clean': _pct(peer_clean.sum(), len(x))}
-  acc.update({s: _pct(c, len(x)) for s, c in zip(STAGES[1:], counts[1:], strict=True)})
-  acc['square'] = _pct(robust_final.sum(), len(x))
-  if counts[-1] != int(robust_final.sum()):
-    log(
-      f'  note: torchattacks counted {counts[-1]} robust, its returned images {robust_final.sum()}'
-    )
+  flags = np.asarray(rep['flags'], bool) | ~valid[:, None]  # bool[N, 5], after each attack
+  flags[:, 0] = rep['clean_logits'].argmax(-1) == y
+  robust_final = flags[:, -1]
+  if np.any(robust_final != ((rep['adv_logits'].argmax(-1) == y) | ~valid)):
+    log(f'  note: the flags of {peer} disagree with its returned images on some examples')
   rescored = jax_logits_fn(x_adv).argmax(-1) == y
   return {
-    'side': 'torchattacks',
+    'side': peer,
     'budget': budget,
-    'label': f'torchattacks ({budget})',
+    'label': f'{peer} ({budget})',
     'budgets': rep['budgets'],
-    'accuracy': acc,
-    'records_after_each_attack': counts,
+    'accuracy': {s: _pct(flags[:, i].sum(), len(x)) for i, s in enumerate(STAGES)},
+    'attack_wall_s': rep['attack_wall_s'],
+    'flags': flags,
     'robust_final': robust_final,
     'wall_s': rep['wall_s'],
     'cpu_s': rep['cpu_s'],
     'cpu_util': rep['cpu_s'] / max(rep['wall_s'] * threads, 1e-9),
     'torch_threads': rep['threads'],
-    'clean_prediction_mismatches': int(np.sum(peer_clean != clean)),
+    'versions': rep['versions'],
+    'clean_prediction_mismatches': int(np.sum(flags[:, 0] != clean)),
     'invalid_adversarial': int(np.sum(~valid)),
     'robust_rescored_by_jax': int(np.sum(rescored | ~valid)),
   }
@@ -620,11 +576,9 @@ def peer_row(
 
 def write_exchange(exchange: Path, model: Any, variables: Any, image_shape, x, y, logits) -> None:
   """The peer's inputs: model.json, model.npz (state_dict), inputs.npz (NCHW, labels, logits)."""
-  arch = small_cnn_architecture(model, image_shape)
-  save_npz(exchange / 'model.npz', **to_torch_state_dict(variables, arch))
-  artifacts.write_json(exchange / 'model.json', arch)
+  export.write_model(exchange, model, variables, image_shape)
   x_nchw = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-  save_npz(exchange / 'inputs.npz', x_nchw=x_nchw, y=y.astype(np.int64), jax_logits=logits)
+  export.save_npz(exchange / 'inputs.npz', x_nchw=x_nchw, y=y.astype(np.int64), jax_logits=logits)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -634,11 +588,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   threads = len(cores)
   if args.cpu_devices:
     jax.config.update('jax_num_cpu_devices', args.cpu_devices)
-  if args.peer_python and not Path(args.peer_python).exists():
-    raise SystemExit(
-      f'--peer_python {args.peer_python} does not exist; create the peer virtualenv with '
-      '`bash ../shared/peers/setup_venv.sh /work/peers-venv`, or leave the flag out (JAX only)'
-    )
+  peer_python = Path(args.peer_python or peers.python())
+  if args.peers and not peer_python.exists():
+    raise SystemExit(f'{peers.missing_venv_message(peer_python)}; or pass --peers= (JAX only)')
   workdir = Path(args.workdir).expanduser()
   loadavg_start = _loadavg()
   config = load_config(workdir)
@@ -706,18 +658,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     log(f'pipeline evaluation check: {report["pipeline_check"]}')
 
   out_dir = Path(args.out) if args.out else None
-  if not args.peer_python:
-    log('no --peer_python: the PyTorch side is skipped')
-  elif args.peer_budgets:
+  runs = [('autoattack', b) for b in args.autoattack_budgets if 'autoattack' in args.peers]
+  runs += [('torchattacks', b) for b in args.peer_budgets if 'torchattacks' in args.peers]
+  if not runs:
+    log('no --peers: the PyTorch side is skipped')
+  else:
     with tempfile.TemporaryDirectory(prefix='bench_eval_') as tmp:
       exchange = out_dir / 'exchange' if out_dir else Path(tmp)
       write_exchange(exchange, model, variables, split.image_shape, x, y, logits)
-      for budget in args.peer_budgets:
-        log(f'=== torchattacks AutoAttack, budget {budget} (peer: {args.peer_python})')
+      for peer, budget in runs:
+        log(f'=== {peer} AutoAttack, budget {budget} (peer: {peer_python})')
         before = _loadavg()
         rep = run_peer(
-          args.peer_python,
+          str(peer_python),
           exchange,
+          peer,
           budget,
           eps=eps,
           norm=norm,
@@ -727,9 +682,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           logits_tol=args.logits_tol,
         )
         report['logits_max_abs_diff'] = rep['logits_max_abs_diff']
-        report['torch_version'] = rep['torch']
-        report['torchattacks_version'] = rep['torchattacks']
+        report['peer_versions'] = rep['versions']
         row = peer_row(
+          peer,
           budget,
           rep,
           x,
@@ -743,15 +698,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         row['loadavg_before'] = before
         log(f'  {row["label"]}: {row["accuracy"]}, {row["wall_s"]:.1f} s')
         report['rows'].append(row)
-        for jr in jax_rows:
-          report['agreement'].append(
-            {
-              'first': jr['label'],
-              'second': row['label'],
-              'counts': agreement(jr['robust_final'], row['robust_final']),
-              'difference_points': round(jr['accuracy']['square'] - row['accuracy']['square'], 2),
-            }
-          )
+        report['agreement'] += [compare(jr, row) for jr in jax_rows]
 
   report['verdicts'] = verdicts(report['rows'])
   report['loadavg_end'] = _loadavg()
@@ -759,12 +706,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   print(text, flush=True)
   flags = {f'jax_{b}': f for b, f in jax_flags.items()}
   for row in report['rows']:
-    final = row.pop('robust_final')
+    final, all_flags = row.pop('robust_final'), row.pop('flags')
     row['robust_count'] = int(np.sum(final))
     if row['side'] != 'jax':
-      flags[f'{row["side"]}_{row["budget"]}'] = final
+      flags[f'{row["side"]}_{row["budget"]}'] = all_flags
   if out_dir is not None:
-    save_npz(out_dir / 'flags.npz', **flags)
+    export.save_npz(out_dir / 'flags.npz', **flags)
     artifacts.write_json(out_dir / 'bench_eval.json', report)
     artifacts.write_text(out_dir / 'bench_eval.md', text + '\n')
     log(f'wrote bench_eval.json, bench_eval.md and flags.npz to {out_dir}')

@@ -308,8 +308,9 @@ def load_config(workdir: str | os.PathLike, base: Any = None) -> tuple[Any, list
       saved in config.json replace its values.
 
   Returns:
-    (config, ignored): the merged ConfigDict, and the dotted names of saved
-    fields that the current schema no longer has.
+    (config, ignored): the merged ConfigDict (the model's own fields, such as
+    `model.depth` or `model.conv_channels`, taken as saved, lists as tuples), and
+    the dotted names of other saved fields that the current schema does not have.
 
   Raises:
     FileNotFoundError: the workdir has no config.json (naming it).
@@ -328,13 +329,20 @@ def load_config(workdir: str | os.PathLike, base: Any = None) -> tuple[Any, list
   return base, ignored
 
 
+def _tuples(value: Any) -> Any:
+  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
 def _merge(config: Any, saved: Mapping[str, Any], prefix: str) -> list[str]:
   ignored = []
   for key, value in saved.items():
     if key not in config:
-      ignored.append(prefix + key)
+      if prefix == 'model.':  # Each model has its own fields (configs add them).
+        config[key] = _tuples(value)
+      else:
+        ignored.append(prefix + key)
     elif isinstance(value, dict):
       ignored += _merge(config[key], value, f'{prefix}{key}.')
     else:
-      config[key] = type(config[key])(value) if isinstance(config[key], float) else value
+      config[key] = float(value) if isinstance(config[key], float) else _tuples(value)
   return ignored

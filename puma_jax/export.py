@@ -24,7 +24,7 @@ from typing import Any
 import safetensors.numpy
 from absl import flags, logging
 
-from puma_jax import artifacts, cli, config_base, model_io, models
+from puma_jax import artifacts, cli, model_io, models
 from puma_jax.datasets import DataError, cifar, mnist
 
 _IMAGE_SHAPES = {
@@ -35,45 +35,15 @@ _IMAGE_SHAPES = {
 
 
 def load_config(workdir: str | Path) -> Any:
-  """The config a pipeline workdir was made with: its `config.json` over the current schema.
-
-  Fields added to the schema since the run keep their defaults; the model's own
-  fields (`model.depth`, `model.conv_channels`, ...) are taken as saved, lists as
-  tuples; other fields the schema does not know are ignored with a warning.
+  """The config a pipeline workdir was made with (`artifacts.load_config`), warning of dropped fields.
 
   Raises:
     FileNotFoundError: no config.json (not a pipeline workdir).
   """
-  path = Path(workdir) / 'config.json'
-  if not path.is_file():
-    raise FileNotFoundError(
-      f'{path} not found: --workdir must be the workdir of a pipeline run '
-      '(python -m puma_jax.main --config=... --workdir=...).'
-    )
-  config = config_base.get_base_config()
-  ignored = _merge(config, json.loads(path.read_text(encoding='utf-8')), '')
+  config, ignored = artifacts.load_config(workdir)
   if ignored:
-    logging.warning('%s: fields not in the current config schema, ignored: %s', path, ignored)
+    logging.warning('%s: fields not in the current config schema, ignored: %s', workdir, ignored)
   return config
-
-
-def _tuples(value: Any) -> Any:
-  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
-
-
-def _merge(config: Any, saved: dict[str, Any], prefix: str) -> list[str]:
-  ignored = []
-  for key, value in saved.items():
-    if key not in config:
-      if prefix == 'model.':  # Each model has its own fields (configs add them).
-        config[key] = _tuples(value)
-      else:
-        ignored.append(prefix + key)
-    elif isinstance(value, dict):
-      ignored += _merge(config[key], value, f'{prefix}{key}.')
-    else:
-      config[key] = float(value) if isinstance(config[key], float) else _tuples(value)
-  return ignored
 
 
 def image_shape(config: Any, workdir: str | Path) -> tuple[int, int, int]:

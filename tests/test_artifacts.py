@@ -71,6 +71,16 @@ def test_load_config_merges_over_the_schema_and_lists_unknown_fields(tmp_path):
     artifacts.load_config(tmp_path / 'nowhere', base)
 
 
+def test_load_config_keeps_the_models_own_fields(tmp_path):
+  base = ml_collections.ConfigDict({'model': {'name': 'x'}})
+  saved = {'model': {'name': 'small_cnn', 'conv_channels': [8, 16]}, 'other': {'a': 1}}
+  artifacts.write_json(tmp_path / 'config.json', saved)
+  config, ignored = artifacts.load_config(tmp_path, base)
+  assert config.model.conv_channels == (8, 16) and ignored == ['other']
+  with pytest.raises(FileNotFoundError, match='config.json'):
+    artifacts.load_config(tmp_path / 'nowhere', base)
+
+
 def test_tree_checksums_name_the_damaged_leaves():
   tree = {'a': np.arange(4, dtype=np.float32), 'b': {'c': np.ones((2, 2), np.int32)}}
   recorded = artifacts.tree_checksums(tree)

@@ -1,11 +1,10 @@
 """experiments/bench_eval.py: the PyTorch export, the flag bookkeeping, and a tiny end-to-end run.
 
 The JAX side runs everywhere; the PyTorch side runs only where the peer virtualenv
-exists (PUMA_JAX_PEER_PYTHON, default /work/peers-venv/bin/python).
+exists ($PUMA_PEERS_VENV, else .peers/venv in the repository: experiments/peers/setup_venv.sh).
 """
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -14,19 +13,21 @@ import numpy as np
 import pytest
 
 from configs import default
-from experiments import bench_eval
+from experiments import bench_eval, peers
+from experiments.peers import export
 from puma_jax import artifacts, checkpointing, datasets, models, steps, train
 from puma_jax.models import small_cnn
 
-PEER_PYTHON = os.environ.get('PUMA_JAX_PEER_PYTHON', '/work/peers-venv/bin/python')
+PEER_PYTHON = str(peers.python())
 needs_peer = pytest.mark.skipif(
-  not Path(PEER_PYTHON).exists(), reason=f'no peer virtualenv at {PEER_PYTHON}'
+  not Path(PEER_PYTHON).exists(), reason=peers.missing_venv_message(PEER_PYTHON)
 )
 
 
 # ------------------------------------------------------- NumPy reference (PyTorch NCHW semantics)
 def _torch_semantics_forward(sd, arch, x_nchw):
   """Logits of the exported state_dict: NCHW convs, 2x2 max-pools, CHW flatten."""
+  arch = arch['kwargs']
   x = np.asarray(x_nchw, np.float64)
   c = x.shape[1]
   if arch['mean'] is not None:
@@ -69,8 +70,8 @@ def test_export_reproduces_logits_in_pytorch_layout(kwargs, image_shape):
   model = models.create('small_cnn', num_classes=10, **kwargs)
   x = np.random.default_rng(0).uniform(size=(3, *image_shape)).astype(np.float32)
   variables = model.init(jax.random.key(1), x)
-  arch = bench_eval.small_cnn_architecture(model, image_shape)
-  sd = bench_eval.to_torch_state_dict(variables, arch)
+  arch = export.architecture(model, image_shape)
+  sd = export.to_torch_state_dict(variables, arch)
   ref = _torch_semantics_forward(sd, arch, x.transpose(0, 3, 1, 2))
   np.testing.assert_allclose(np.asarray(model.apply(variables, x)), ref, rtol=1e-4, atol=1e-5)
   assert json.loads(json.dumps(arch)) == arch
@@ -80,8 +81,10 @@ def test_export_reproduces_logits_in_pytorch_layout(kwargs, image_shape):
 
 
 def test_export_refuses_other_models():
-  with pytest.raises(SystemExit, match='small_cnn'):
-    bench_eval.small_cnn_architecture(models.create('preact_resnet18', num_classes=10), (32, 32, 3))
+  with pytest.raises(ValueError, match='small_cnn'):
+    export.architecture(models.create('wrn', num_classes=10, depth=10, width=1), (32, 32, 3))
+  with pytest.raises(ValueError, match='float32'):
+    export.architecture(models.create('small_cnn', num_classes=10, dtype='bfloat16'), (28, 28, 1))
 
 
 def test_agreement_and_validity():
@@ -142,7 +145,7 @@ def _run_main(workdir, out, *extra):
 
 
 def test_main_jax_side(workdir, tmp_path):
-  report = _run_main(workdir, tmp_path, '--peer_budgets', '')
+  report = _run_main(workdir, tmp_path, '--peers', '')
   saved = json.loads((tmp_path / 'bench_eval.json').read_text())
   assert saved['num_examples'] == 6 and saved['eps'] == pytest.approx(0.3)
   (row,) = saved['rows']
@@ -165,17 +168,33 @@ def test_main_refuses_unfinished_training(workdir, tmp_path):
     (workdir / 'stage.json.bak').rename(workdir / 'train' / 'stage.json')
 
 
+def test_main_without_the_peer_virtualenv(workdir, tmp_path, monkeypatch):
+  monkeypatch.setenv('PUMA_PEERS_VENV', str(tmp_path / 'nowhere'))
+  with pytest.raises(SystemExit, match='setup_venv.sh'):
+    _run_main(workdir, tmp_path, '--peers', 'autoattack')
+
+
 @needs_peer
-def test_main_with_peer(workdir, tmp_path):
-  report = _run_main(workdir, tmp_path, '--peer_python', PEER_PYTHON, '--peer_budgets', 'quick')
-  jax_row, peer_row = report['rows']
+def test_main_with_peers(workdir, tmp_path):
+  report = _run_main(workdir, tmp_path, '--autoattack_budgets', 'quick', '--peer_budgets', 'quick')
+  jax_row, original, ta = report['rows']
+  assert [original['side'], ta['side']] == ['autoattack', 'torchattacks']
   assert report['logits_max_abs_diff'] < 1e-5
-  assert peer_row['budgets']['apgd_steps'] == 5 and peer_row['budgets']['num_targets'] == 9
-  assert peer_row['clean_prediction_mismatches'] == 0 and peer_row['invalid_adversarial'] == 0
-  assert peer_row['accuracy']['clean'] == jax_row['accuracy']['clean']
-  (agree,) = report['agreement']
-  assert sum(agree['counts'].values()) == 6
-  assert len(report['verdicts']) == 1 and "budget 'quick'" in report['verdicts'][0]
+  for peer_row in (original, ta):
+    assert peer_row['budgets']['apgd_steps'] == 5 and peer_row['budgets']['num_targets'] == 9
+    assert peer_row['budgets']['square_queries'] == 50
+    assert peer_row['clean_prediction_mismatches'] == 0 and peer_row['invalid_adversarial'] == 0
+    assert peer_row['accuracy']['clean'] == jax_row['accuracy']['clean']
+    acc = [peer_row['accuracy'][s] for s in bench_eval.STAGES]
+    assert all(a >= b for a, b in zip(acc, acc[1:], strict=False)), acc
+  for agree in report['agreement']:
+    assert sum(agree['counts'].values()) == 6
+    assert agree['same_after_each_attack']['clean'] == 6
+    assert len(agree['only_first_examples']) == agree['counts']['only_first']
+  assert len(report['verdicts']) == 2 and "budget 'quick'" in report['verdicts'][0]
+  with np.load(tmp_path / 'flags.npz') as f:
+    assert f['autoattack_quick'].shape == (6, 5)
+    np.testing.assert_array_equal(f['autoattack_quick'][:, 0], f['jax_quick'][:, 0])
 
 
 @needs_peer
@@ -183,12 +202,10 @@ def test_peer_stops_when_logits_differ(tmp_path):
   model = models.create('small_cnn', num_classes=10)
   x = np.random.default_rng(0).uniform(size=(4, 28, 28, 1)).astype(np.float32)
   variables = model.init(jax.random.key(0), x)
-  arch = bench_eval.small_cnn_architecture(model, (28, 28, 1))
-  bench_eval.save_npz(tmp_path / 'model.npz', **bench_eval.to_torch_state_dict(variables, arch))
-  artifacts.write_json(tmp_path / 'model.json', arch)
+  export.write_model(tmp_path, model, variables, (28, 28, 1))
   logits = np.array(model.apply(variables, x))
   logits[2, 3] += 1e-3  # what a layout mistake would look like
-  bench_eval.save_npz(
+  export.save_npz(
     tmp_path / 'inputs.npz',
     x_nchw=x.transpose(0, 3, 1, 2).copy(),
     y=np.zeros(4, np.int64),
@@ -196,10 +213,9 @@ def test_peer_stops_when_logits_differ(tmp_path):
   )
   out = tmp_path / 'peer.npz'
   cmd = [PEER_PYTHON, str(bench_eval.PEER_SCRIPT), '--dir', str(tmp_path), '--out', str(out)]
+  budgets = dict(apgd_steps=1, fab_steps=1, num_targets=9, square_queries=1)
   proc = subprocess.run(
-    cmd + ['--eps', '0.3', '--apgd_steps', '1', '--fab_steps', '1', '--square_queries', '1'],
-    capture_output=True,
-    text=True,
+    cmd + ['--eps', '0.3', '--budgets', json.dumps(budgets)], capture_output=True, text=True
   )
   assert proc.returncode == 3, proc.stderr
   assert 'does not reproduce the JAX logits' in proc.stderr and not out.exists()
