@@ -195,7 +195,7 @@ def load_model(name, art):
   kw = MODEL_KWARGS[name]
   model = models.create(name, num_classes=NUM_CLASSES, **kw)
   path = os.path.join(art, name, 'model.npz')
-  return model, models.import_torch_npz(name, path, **kw)
+  return model, models.import_torch_state_dict(name, path, **kw)
 
 
 def bench_deepfool(name, args, peer, peak, flops):
@@ -368,7 +368,7 @@ def train_step_rows(name, args, peer, flops):
     states[kind], metrics = jit_steps[kind](states[kind], batch, rng)  # compile + one step
     jax.block_until_ready(metrics)
     log(
-      f'  jax {kind} on {parallel.num_shards(mesh)} device(s): compiled and warmed up in '
+      f'  jax {kind} on {parallel.num_devices(mesh)} device(s): compiled and warmed up in '
       f'{time.perf_counter() - t0:.1f} s (loss {float(metrics["loss"]):.3f})'
     )
 
@@ -409,7 +409,7 @@ def train_step_rows(name, args, peer, flops):
       ]
       log(f'  jax {kind} attack only: {b / runs[f"jax_{kind}_attack_only"][0]["wall_s"]:.2f}/s')
 
-  rows = {'mesh_devices': parallel.num_shards(mesh)}
+  rows = {'mesh_devices': parallel.num_devices(mesh)}
   if args.train_profile:
     # One more step of each kind under jax.profiler: where its threads' time goes.
     for kind in TRAIN_KINDS:

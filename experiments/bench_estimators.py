@@ -40,8 +40,7 @@ import numpy as np
 import optax
 import scipy.stats
 
-from experiments.bench_eval import load_config
-from puma_jax import parallel, pipeline, pruning, train
+from puma_jax import artifacts, parallel, pipeline, pruning, train
 from puma_jax.attacks import margin_estimators
 from puma_jax.datasets import generator, input_pipeline, mnist
 
@@ -54,7 +53,7 @@ def log(msg: str) -> None:
 
 def workdir_inputs(workdir: Path, n: int) -> tuple[Any, Any, Any, np.ndarray, np.ndarray]:
   """(config, model, EMA variables, x f32[n,H,W,C] in [0,1], y i32[n]) of a pipeline workdir."""
-  config = load_config(workdir)
+  config, _ = artifacts.load_config(workdir)
   if not (workdir / 'margin_model' / 'stage.json').exists():
     raise SystemExit(f'{workdir}/margin_model/stage.json is missing: run the margin_model stage')
   ctx = pipeline.Context(config, workdir)
@@ -112,7 +111,7 @@ def run_estimator(
 ) -> tuple[margin_estimators.MarginEstimate, float, float]:
   """(estimate over all x, seconds without compilation, compile+warm-up seconds)."""
   mesh = parallel.make_mesh(jax.local_devices())
-  devices = parallel.num_shards(mesh)
+  devices = parallel.num_devices(mesh)
   if batch_size % devices:
     raise SystemExit(f'--batch_size {batch_size}: need a multiple of the {devices} devices')
   _, settings = margin_estimators.settings_from_config(

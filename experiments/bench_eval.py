@@ -263,7 +263,7 @@ def run_jax(
     'batch_size', 'num_devices', 'chunk_size', 'budgets'}.
   """
   mesh = mesh or parallel.make_mesh()
-  n, n_dev = len(x), parallel.num_shards(mesh)
+  n, n_dev = len(x), parallel.num_devices(mesh)
   bs = -(-min(batch_size, n) // n_dev) * n_dev  # whole rows per device
   data, repl = parallel.data_sharding(mesh), parallel.replicated(mesh)
   fn = jax.jit(

@@ -195,7 +195,7 @@ def bench_stage(model, variables, splits, settings, tmp) -> dict:
     'batches': len(batches),
     'batch_size': ARGS.batch_size,
     'deepfool_batch_size': ARGS.deepfool_batch_size,
-    'devices': parallel.num_shards(mesh),
+    'devices': parallel.num_devices(mesh),
     'device_kind': mesh.devices.flat[0].device_kind,
     'mean_iterations': float(iterations.mean()),
     'raw_examples_per_s': n / raw_s,
@@ -215,7 +215,7 @@ def bench_stage(model, variables, splits, settings, tmp) -> dict:
 
 def bench_classes(splits, settings) -> list[dict]:
   mesh = parallel.make_mesh(jax.local_devices())
-  n_dev = parallel.num_shards(mesh)
+  n_dev = parallel.num_devices(mesh)
   batches = shard_batches_in_memory({'real': splits['real']}, ARGS.batch_size)
   batches = batches[: ARGS.class_batches]
   examples = len(batches) * ARGS.batch_size

@@ -42,7 +42,6 @@ def num_devices(mesh: Mesh) -> int:
 
 # The old name (it counts devices, not dataset shards); kept until margins.py, the experiments
 # and the tutorial use num_devices.
-num_shards = num_devices
 
 
 def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
@@ -131,26 +130,3 @@ def sum_over_batch_shards(
     return fn(*batched, *shared)
   per_shard = per_device(lambda *args: fn(*args)[None], mesh, num_batched_args=len(batched))
   return per_shard(*batched, *shared).sum(axis=0)  # [devices, ...]: XLA adds them (all-reduce)
-
-
-def pad_batch(
-  batch: Mapping[str, np.ndarray], size: int
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
-  """Pads every array of a batch on its leading axis to `size` (repeating the first row).
-
-  Returns the padded batch and a bool mask that is True for real rows, so that
-  sums over a padded last batch stay exact.
-  """
-  n = len(next(iter(batch.values())))
-  if n > size:
-    raise ValueError(f'batch of {n} rows does not fit in {size}')
-  out = {}
-  for k, v in batch.items():
-    v = np.asarray(v)
-    if n < size:
-      fill = np.repeat(v[:1] if n else np.zeros((1,) + v.shape[1:], v.dtype), size - n, axis=0)
-      v = np.concatenate([v, fill], axis=0)
-    out[k] = v
-  mask = np.zeros(size, bool)
-  mask[:n] = True
-  return out, mask

@@ -79,7 +79,9 @@ def test_bench_artifacts_round_trip(tmp_path):
   assert x.shape == (4, 32, 32, 3) and labels.dtype == np.int64
   kw = export.BENCH_MODELS['small_cnn']
   model = models.create('small_cnn', num_classes=10, **kw)
-  variables = models.import_torch_npz('small_cnn', str(tmp_path / 'small_cnn' / 'model.npz'), **kw)
+  variables = models.import_torch_state_dict(
+    'small_cnn', str(tmp_path / 'small_cnn' / 'model.npz'), **kw
+  )
   with np.load(tmp_path / 'small_cnn' / 'reference.npz') as f:
     np.testing.assert_allclose(_jax_logits(model, variables, x), f['logits'], rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(f['labels'], f['logits'].argmax(-1))

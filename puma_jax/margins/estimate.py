@@ -197,7 +197,7 @@ def estimate_margin_cost(
   if probe_batches < 1:
     raise ValueError(f'estimate: probe_batches={probe_batches} must be >= 1')
   mesh = engine.local_mesh(mesh)
-  engine.check_batch_size(batch_size, parallel.num_shards(mesh))
+  engine.check_batch_size(batch_size, parallel.num_devices(mesh))
   engine.check_deepfool_batch_size(deepfool_batch_size)
   if named is not None:
     engine.check_model(model, variables, named)
@@ -218,7 +218,7 @@ def estimate_margin_cost(
     settings=settings,
     batch_size=batch_size,
     probe_batches=probe_batches,
-    probe_devices=parallel.num_shards(mesh),
+    probe_devices=parallel.num_devices(mesh),
     device_kind=mesh.devices.flat[0].device_kind,
     probe_seconds=seconds,
     compile_seconds=runner.compile_seconds,

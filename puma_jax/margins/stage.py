@@ -166,7 +166,7 @@ def compute_margins(
   """
   named = store.named_splits(splits)
   mesh = engine.local_mesh(mesh)
-  engine.check_batch_size(batch_size, parallel.num_shards(mesh))
+  engine.check_batch_size(batch_size, parallel.num_devices(mesh))
   engine.check_deepfool_batch_size(deepfool_batch_size)
   engine.check_model(model, variables, named)
   start = time.perf_counter()
@@ -190,7 +190,7 @@ def compute_margins(
     pc,
     len(work),
     sum(len(v) for v in skipped.values()),
-    parallel.num_shards(mesh),
+    parallel.num_devices(mesh),
   )
 
   progress = Progress(
@@ -229,7 +229,7 @@ def compute_margins(
   run = {
     'process_index': pi,
     'process_count': pc,
-    'devices': parallel.num_shards(mesh),
+    'devices': parallel.num_devices(mesh),
     'device_kind': mesh.devices.flat[0].device_kind,
     'batch_size': batch_size,
     'shards_computed': {key: [k for kk, _, k in work if kk == key] for key in named},

@@ -96,9 +96,6 @@ def import_torch_state_dict(name: str, path: str | os.PathLike, **model_kwargs: 
   return convert(read_torch_state_dict(path), **model_kwargs)
 
 
-import_torch_npz = import_torch_state_dict  # The older name; reads .safetensors too.
-
-
 def export_torch_state_dict(name: str, variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """The PyTorch state_dict (name -> NumPy array, NCHW layouts) of model `name`'s variables.
 
