@@ -57,6 +57,22 @@ _TRAIN_FIELDS = (
   'train.warmup_steps',
   'train.ema_decay',
 )
+
+
+def margin_fields(config: Any) -> tuple[str, ...]:
+  """The margin stage's estimator fields: the estimator's name and its own settings.
+
+  DeepFool (the default) records c.margins.overshoot and c.margins.max_iter and
+  not the estimator's name, so markers made before other estimators existed stay
+  valid; the others record c.margins.estimator and c.margins.<estimator> (fab).
+  """
+  name = config.margins.get('estimator', 'deepfool')
+  if name == 'deepfool':
+    return ('margins.overshoot', 'margins.max_iter')
+  out = ('margins.estimator',)
+  return out + ((f'margins.{name}',) if name in config.margins else ())
+
+
 STAGE_DEFS = {
   # Whether a missing archive may be downloaded does not change the data (its sha256 is checked).
   'prepare': stages.Stage('prepare', _DATA_FIELDS, ignore=('data.real.download',)),
@@ -65,13 +81,8 @@ STAGE_DEFS = {
   ),
   'margins': stages.Stage(
     'margins',
-    (
-      'margins.norm',
-      'margins.num_candidates',
-      'margins.overshoot',
-      'margins.max_iter',
-      'margins.clip',
-    ),
+    ('margins.norm', 'margins.num_candidates', 'margins.clip'),
+    config_fields=margin_fields,
   ),
   'prune': stages.Stage('prune', ('prune', 'attack.eps', 'seed')),
   'train': stages.Stage('train', _TRAIN_FIELDS),
@@ -164,6 +175,16 @@ def _check_config(config: Any) -> None:
       f'DLR loss), the model has model.num_classes={config.model.num_classes}; '
       'set --config.eval.autoattack=none to evaluate with clean and PGD accuracy only.'
     )
+  if margins_needed(config):
+    try:
+      estimator = margins.settings_from_config(config.margins).estimator
+    except ValueError as e:
+      raise config_base.ConfigError(str(e)) from e
+    if estimator == 'fab' and not config.margins.clip:
+      raise config_base.ConfigError(
+        'margins.estimator=fab works in the image box [0, 1] and needs margins.clip=True; '
+        'set it, or use margins.estimator=deepfool or first_order.'
+      )
   if margins_needed(config) and config.margins.norm != config.attack.norm:
     raise config_base.ConfigError(
       f'margins.norm={config.margins.norm!r} differs from attack.norm={config.attack.norm!r}: '
@@ -243,6 +264,8 @@ def run_margins(ctx: Context) -> dict[str, Any]:
   ctx.margins = result.margins
   overall = result.summary['overall']
   return {
+    'estimator': result.summary['estimator'],
+    'tag': result.summary['tag'],
     'summary': str(ctx.stage_dir('margins') / 'summary.json'),
     'examples': overall['count'],
     'not_converged': overall['not_converged'],
@@ -254,7 +277,8 @@ def _load_margins(ctx: Context) -> dict[str, np.ndarray]:
   """The margins the prune stage ranks: this run's, or the sidecars the margin stage recorded.
 
   The margin stage's marker names the margin model's fingerprint; the sidecars
-  are checked against it (and the DeepFool settings), so the weights are not
+  are checked against it (and the estimator's settings; the estimator's own
+  tag is read, `margins.default_tag`), so the weights are not
   restored again. Damaged sidecars are recomputed (an error naming the fix
   where their folder is read-only).
   """
