@@ -136,6 +136,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.train.weight_decay = 5e-4
   c.train.warmup_steps = 40
   c.train.ema_decay = 0.995
+  # Refreshed margins: every N steps, recompute the kept examples' margins with the EMA
+  # weights of the model being trained (c.margins' estimator and settings, on the devices)
+  # and give them the prune stage's eps rule; the kept set stays the margin model's.
+  # Needs prune.strategy=puma with eps_rule puma or clip0. 0: off (PUMA's precomputed eps).
+  # See docs/margin_estimators.md for its cost.
+  c.train.refresh_margins_every = 0
   c.train.log_every_steps = 50
   c.train.eval_every_steps = 400
   c.train.checkpoint_every_steps = 200

@@ -73,6 +73,12 @@ def margin_fields(config: Any) -> tuple[str, ...]:
   return out + ((f'margins.{name}',) if name in config.margins else ())
 
 
+def refresh_fields(config: Any) -> tuple[str, ...]:
+  """The train stage's refresh field, recorded only when refreshing is on (markers made
+  before the option existed stay valid)."""
+  return ('train.refresh_margins_every',) if config.train.get('refresh_margins_every', 0) else ()
+
+
 STAGE_DEFS = {
   # Whether a missing archive may be downloaded does not change the data (its sha256 is checked).
   'prepare': stages.Stage('prepare', _DATA_FIELDS, ignore=('data.real.download',)),
@@ -85,7 +91,7 @@ STAGE_DEFS = {
     config_fields=margin_fields,
   ),
   'prune': stages.Stage('prune', ('prune', 'attack.eps', 'seed')),
-  'train': stages.Stage('train', _TRAIN_FIELDS),
+  'train': stages.Stage('train', _TRAIN_FIELDS, config_fields=refresh_fields),
   'evaluate': stages.Stage(
     'evaluate',
     ('attack.norm', 'attack.eps', 'eval.num_examples', 'eval.pgd_steps', 'eval.autoattack'),
@@ -184,6 +190,17 @@ def _check_config(config: Any) -> None:
       raise config_base.ConfigError(
         'margins.estimator=fab works in the image box [0, 1] and needs margins.clip=True; '
         'set it, or use margins.estimator=deepfool or first_order.'
+      )
+  if config.train.get('refresh_margins_every', 0):
+    try:
+      margins.refresh.check_every(config.train.refresh_margins_every)
+    except ValueError as e:
+      raise config_base.ConfigError(str(e)) from e
+    if pruning.settings_from_config(config).effective_eps_rule == 'constant':
+      raise config_base.ConfigError(
+        f'train.refresh_margins_every={config.train.refresh_margins_every} refreshes '
+        'margin-based eps, but prune.strategy/eps_rule give a constant eps; use '
+        "prune.strategy=puma with prune.eps_rule='puma' or 'clip0', or set it to 0."
       )
   if margins_needed(config) and config.margins.norm != config.attack.norm:
     raise config_base.ConfigError(

@@ -244,3 +244,48 @@ def test_imagenet_tiny_end_to_end(tmp_path):
   config.eval.num_examples = 16
   pipeline.run(config, tmp_path / 'w')
   _check_complete_run(tmp_path / 'w', config)
+
+
+def test_first_order_margins_end_to_end_under_their_own_tag(default_run, tmp_path):
+  from puma_jax import datasets, pruning
+
+  config, done = default_run
+  workdir = tmp_path / 'first_order'
+  _copy_up_to_margins(done, workdir)
+  shutil.rmtree(workdir / 'margins')
+  config = _config('default')
+  config.margins.estimator = 'first_order'
+  config.eval.autoattack = 'none'
+  pipeline.run(config, workdir)
+  report = _check_complete_run(workdir, config)
+
+  marker = json.loads((workdir / 'margins' / 'stage.json').read_text())
+  assert marker['fields']['margins.estimator'] == 'first_order'
+  assert 'margins.max_iter' not in marker['fields']
+  assert marker['outputs']['tag'] == 'margins_first_order'
+  assert report['margin_estimator'] == 'first_order'
+  assert 'estimator `first_order`' in (workdir / 'report.md').read_text()
+  # DeepFool's sidecars are still there, beside the first_order ones.
+  data = workdir / 'data'
+  assert sorted(data.glob('**/*.margins_first_order.npy'))
+  assert sorted(data.glob('**/*.margins.npy'))
+  # The prune stage ranked the first_order margins (read back from their own tag).
+  prepared = datasets.prepare(config.data, data)
+  model, variables = train.restore_ema_variables(
+    config, workdir / 'margin_model', prepared.real_train.image_shape
+  )
+  loaded = margins.load_margins(
+    model, variables, prepared.train_splits, settings=margins.settings_from_config(config.margins)
+  )
+  expected = pruning.select(
+    pruning.settings_from_config(config),
+    labels={k: s.labels() for k, s in prepared.train_splits.items()},
+    margins=loaded,
+    num_classes=config.model.num_classes,
+  )
+  kept = pruning.PruneResult.load(workdir / 'prune')
+  deepfool = pruning.PruneResult.load(done / 'prune')
+  for source in kept.kept:
+    np.testing.assert_array_equal(kept.kept[source], expected.kept[source])
+    np.testing.assert_array_equal(kept.eps[source], expected.eps[source])
+  assert not np.array_equal(kept.eps['generated'], deepfool.eps['generated'])

@@ -55,9 +55,11 @@ job's `--dry_run`).
 
 Modules: `settings` (estimator settings, tags, provenance), `engine` (the program on
 the devices), `store` (sidecars, manifests, resume), `stage` (`compute_margins`,
-`load_margins`), `estimate` (the cost estimate).
+`load_margins`), `estimate` (the cost estimate), `refresh` (the kept examples'
+margins and eps recomputed with the model being trained, c.train.refresh_margins_every).
 """
 
+from puma_jax.margins import refresh
 from puma_jax.margins.engine import MarginEngine
 from puma_jax.margins.estimate import (
   CostEstimate,
@@ -95,6 +97,7 @@ __all__ = [
   'estimate_from_config',
   'estimate_margin_cost',
   'load_margins',
+  'refresh',
   'model_fingerprint',
   'settings_from_config',
   'sidecar_settings',
