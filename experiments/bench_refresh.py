@@ -14,6 +14,7 @@ every source (same share of each) and projects the whole kept set linearly;
 the projection is labelled as such.
 
   python -m experiments.bench_refresh --workdir=/work/runs/base [--num_examples=4000]
+      [--estimator=first_order]
 """
 
 import argparse
@@ -51,11 +52,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   p.add_argument('--workdir', type=Path, required=True)
   p.add_argument('--num_examples', type=int, default=0, help='0: the whole kept set')
   p.add_argument('--train_steps', type=int, default=5)
+  p.add_argument('--estimator', default='', help="c.margins.estimator ('': the workdir's)")
   p.add_argument('--out', type=Path, default=None)
   args = p.parse_args(argv)
 
   config, _ = artifacts.load_config(args.workdir)
   config.train.refresh_margins_every = 1
+  if args.estimator:
+    config.margins.estimator = args.estimator
   prepared = datasets.prepare(config.data, Path(config.data.data_dir or args.workdir / 'data'))
   result = pruning.PruneResult.load(args.workdir / 'prune')
   kept_all = {k: np.asarray(v, np.int64) for k, v in result.kept.items()}
