@@ -289,3 +289,61 @@ def test_first_order_margins_end_to_end_under_their_own_tag(default_run, tmp_pat
     np.testing.assert_array_equal(kept.kept[source], expected.kept[source])
     np.testing.assert_array_equal(kept.eps[source], expected.eps[source])
   assert not np.array_equal(kept.eps['generated'], deepfool.eps['generated'])
+
+
+def test_estimator_and_refresh_choices_are_checked_before_any_work(tmp_path):
+  from puma_jax import config_base
+
+  cases = [
+    ({'margins.estimator': 'newton'}, 'not a margin estimator'),
+    ({'margins.estimator': 'fab', 'margins.clip': False}, 'needs margins.clip=True'),
+    ({'train.refresh_margins_every': 5, 'prune.strategy': 'random'}, 'constant eps'),
+    ({'train.refresh_margins_every': -1}, 'integer >= 0'),
+  ]
+  for overrides, message in cases:
+    config = _config('default')
+    for field, value in overrides.items():
+      group, name = field.split('.')
+      setattr(config[group], name, value)
+    with pytest.raises(config_base.ConfigError, match=message):
+      pipeline.run(config, tmp_path / 'w')
+    assert not (tmp_path / 'w').exists() or not any((tmp_path / 'w').iterdir())
+
+
+def test_stage_fingerprints_of_deepfool_and_no_refresh_are_unchanged():
+  # The fields the margin and train stages recorded before estimators and refresh existed.
+  config = _config('default')
+  old_margins = stages.Stage(
+    'margins',
+    (
+      'margins.norm',
+      'margins.num_candidates',
+      'margins.overshoot',
+      'margins.max_iter',
+      'margins.clip',
+    ),
+  )
+  old_train = stages.Stage('train', pipeline._TRAIN_FIELDS)
+  up = {'prepare': 'p', 'margin_model': 'm'}
+  fp = {
+    name: pipeline.STAGE_DEFS[name].expected(config, up)['fingerprint']
+    for name in ('margins', 'train')
+  }
+  assert fp['margins'] == old_margins.expected(config, up)['fingerprint']
+  assert fp['train'] == old_train.expected(config, up)['fingerprint']
+  for field, value in (('estimator', 'first_order'), ('estimator', 'fab')):
+    changed = _config('default')
+    changed.margins[field] = value
+    assert pipeline.STAGE_DEFS['margins'].expected(changed, up)['fingerprint'] != fp['margins']
+  fab = _config('default')
+  fab.margins.estimator = 'fab'
+  fab_more = _config('default')
+  fab_more.margins.estimator = 'fab'
+  fab_more.margins.fab.restarts = 3
+  assert (
+    pipeline.STAGE_DEFS['margins'].expected(fab, up)['fingerprint']
+    != pipeline.STAGE_DEFS['margins'].expected(fab_more, up)['fingerprint']
+  )
+  refreshed = _config('default')
+  refreshed.train.refresh_margins_every = 100
+  assert pipeline.STAGE_DEFS['train'].expected(refreshed, up)['fingerprint'] != fp['train']
