@@ -153,7 +153,7 @@ def build_programs(
   if unknown:
     raise ValueError(f'unknown programs {sorted(unknown)}; known: {PROGRAMS}')
   model = train.create_model(config.model)
-  tx, schedule = train.make_optimizer(config)
+  tx, schedule = train.optimizer_from_config(config)
   repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
   init = jax.jit(
     lambda rng: steps.create_train_state(rng, model, tx, IMAGE_SHAPE), out_shardings=repl
