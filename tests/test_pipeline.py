@@ -347,3 +347,15 @@ def test_stage_fingerprints_of_deepfool_and_no_refresh_are_unchanged():
   refreshed = _config('default')
   refreshed.train.refresh_margins_every = 100
   assert pipeline.STAGE_DEFS['train'].expected(refreshed, up)['fingerprint'] != fp['train']
+
+
+def test_bench_refresh_times_a_refresh_and_a_train_step(default_run):
+  from experiments import bench_refresh
+
+  _, workdir = default_run
+  out = bench_refresh.main(
+    ['--workdir', str(workdir), '--num_examples', '64', '--train_steps', '1']
+  )
+  assert out['estimator'] == 'deepfool' and out['projected']
+  assert 60 <= out['timed_examples'] <= 68 < out['kept_examples']
+  assert out['refresh_seconds_timed'] > 0 and out['train_step_seconds'] > 0
