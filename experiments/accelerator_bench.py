@@ -5,7 +5,7 @@ The programs are the ones the pipeline runs, built from `configs/cifar10_wrn28_1
 
   trades_step    `train.make_jit_train_step` with train.loss=trades (10 attack steps)
   pgd_at_step    the same with train.loss=pgd_at
-  margins        `margins._margin_program`: DeepFool at the config's margins settings
+  margins        `margins.engine.margin_program`: the margin estimator at the config's margins settings
                  (batch 1024, slots 0, 10 candidates, 50 iterations at most)
   autoattack     `autoattack.run_standard` as `evaluate` jits it (standard budgets), on
                  one batch of 512
@@ -184,7 +184,7 @@ def build_programs(
     elif name == 'margins':
       b = config.margins.batch_size
       settings = margins.settings_from_config(config.margins)
-      fn = margins._margin_program(model, settings, mesh, config.margins.slots)
+      fn = margins.engine.margin_program(model, settings, mesh, config.margins.deepfool_batch_size)
       batch = synthetic_batch(b, config.model.num_classes, 0.0)
       x, y = batch['image'], batch['label']
       x, y = (jax.device_put((x, y), data)) if concrete else _abstract((x, y), data)

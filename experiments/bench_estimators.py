@@ -6,7 +6,7 @@ On the default margin model (the EMA weights of a finished pipeline workdir's
 margin stage scores), every estimator of `attacks.margin_estimators` runs with
 the workdir config's margin settings (`c.margins.*`, `c.margins.fab.*`), per
 device inside `shard_map` as the margin stage runs DeepFool, with
-`c.margins.slots` rows per device. The script prints, per estimator:
+`c.margins.deepfool_batch_size` rows per device. The script prints, per estimator:
 
 - examples/s: `--num_examples` over the wall time of the batches, compilation
   excluded (one untimed warm-up batch first);
@@ -122,7 +122,7 @@ def run_estimator(
     norm=config.margins.norm,
     num_candidates=config.margins.num_candidates,
     clip=(0.0, 1.0) if config.margins.clip else None,
-    batch_size=min(config.margins.slots, batch_size // devices) or None,
+    batch_size=min(config.margins.deepfool_batch_size, batch_size // devices) or None,
     **settings,
   )
 
@@ -222,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   log(
     f'{len(x)} generated digits, margin model of {source}; {len(jax.local_devices())} '
     f'{jax.default_backend()} device(s); norm {config.margins.norm}, '
-    f'{config.margins.num_candidates} candidates, slots {config.margins.slots}, '
+    f'{config.margins.num_candidates} candidates, deepfool_batch_size {config.margins.deepfool_batch_size}, '
     f'fab {config.margins.fab.restarts}x{config.margins.fab.num_steps} steps'
   )
   results, speed, timing = {}, {}, {}

@@ -65,7 +65,7 @@ ESTIMATORS = ('deepfool', 'first_order', 'fab')
 ESTIMATOR_FIELD = 'margins.estimator'
 # The refresh option of the margins (issue 15, point 2): recompute the kept examples' margins
 # with the model being trained every N steps. Not in the config yet; its arms run once it is.
-REFRESH_FIELD = 'margins.refresh_every_steps'
+REFRESH_FIELD = 'train.refresh_margins_every'
 REFRESH_EVERY = 200
 TINY_SETTINGS = ('at', 'puma_f0', 'puma_f0.3', 'prune_low_f0.3', 'puma_f0.3_first_order')
 METRICS = ('clean_acc', 'pgd_ce_acc', 'pgd_cw_acc', 'worst_case_acc')

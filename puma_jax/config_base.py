@@ -165,6 +165,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   # DM-Improves-AT); False: they move from (0, 1) by the model's momentum. Needs a model
   # with `bn_momentum` (wrn); models without BatchNorm ignore it.
   c.train.bn_first_batch = False
+  # Refreshed margins: every N steps, recompute the kept examples' margins with the EMA
+  # weights of the model being trained (c.margins' estimator and settings, on the devices)
+  # and give them the prune stage's eps rule; the kept set stays the margin model's.
+  # Needs prune.strategy=puma with eps_rule puma or clip0. 0: off (PUMA's precomputed eps).
+  # See docs/margin_estimators.md for its cost.
+  c.train.refresh_margins_every = 0
   c.train.log_every_steps = 50
   c.train.eval_every_steps = 400
   c.train.checkpoint_every_steps = 200

@@ -68,6 +68,28 @@ _TRAIN_FIELDS = (
   'train.attack_batchnorm',
   'train.bn_first_batch',
 )
+
+
+def margin_fields(config: Any) -> tuple[str, ...]:
+  """The margin stage's estimator fields: the estimator's name and its own settings.
+
+  DeepFool (the default) records c.margins.overshoot and c.margins.max_iter and
+  not the estimator's name, so markers made before other estimators existed stay
+  valid; the others record c.margins.estimator and c.margins.<estimator> (fab).
+  """
+  name = config.margins.get('estimator', 'deepfool')
+  if name == 'deepfool':
+    return ('margins.overshoot', 'margins.max_iter')
+  out = ('margins.estimator',)
+  return out + ((f'margins.{name}',) if name in config.margins else ())
+
+
+def refresh_fields(config: Any) -> tuple[str, ...]:
+  """The train stage's refresh field, recorded only when refreshing is on (markers made
+  before the option existed stay valid)."""
+  return ('train.refresh_margins_every',) if config.train.get('refresh_margins_every', 0) else ()
+
+
 STAGE_DEFS = {
   # Whether a missing archive may be downloaded does not change the data (its sha256 is checked).
   'prepare': stages.Stage('prepare', _DATA_FIELDS, ignore=('data.real.download',)),
@@ -76,16 +98,11 @@ STAGE_DEFS = {
   ),
   'margins': stages.Stage(
     'margins',
-    (
-      'margins.norm',
-      'margins.num_candidates',
-      'margins.overshoot',
-      'margins.max_iter',
-      'margins.clip',
-    ),
+    ('margins.norm', 'margins.num_candidates', 'margins.clip'),
+    config_fields=margin_fields,
   ),
   'prune': stages.Stage('prune', ('prune', 'attack.eps', 'seed')),
-  'train': stages.Stage('train', _TRAIN_FIELDS),
+  'train': stages.Stage('train', _TRAIN_FIELDS, config_fields=refresh_fields),
   'evaluate': stages.Stage(
     'evaluate',
     ('attack.norm', 'attack.eps', 'eval.num_examples', 'eval.pgd_steps', 'eval.autoattack'),
@@ -175,6 +192,27 @@ def _check_config(config: Any) -> None:
       f'DLR loss), the model has model.num_classes={config.model.num_classes}; '
       'set --config.eval.autoattack=none to evaluate with clean and PGD accuracy only.'
     )
+  if margins_needed(config):
+    try:
+      estimator = margins.settings_from_config(config.margins).estimator
+    except ValueError as e:
+      raise config_base.ConfigError(str(e)) from e
+    if estimator == 'fab' and not config.margins.clip:
+      raise config_base.ConfigError(
+        'margins.estimator=fab works in the image box [0, 1] and needs margins.clip=True; '
+        'set it, or use margins.estimator=deepfool or first_order.'
+      )
+  if config.train.get('refresh_margins_every', 0):
+    try:
+      margins.refresh.check_every(config.train.refresh_margins_every)
+    except ValueError as e:
+      raise config_base.ConfigError(str(e)) from e
+    if pruning.settings_from_config(config).effective_eps_rule == 'constant':
+      raise config_base.ConfigError(
+        f'train.refresh_margins_every={config.train.refresh_margins_every} refreshes '
+        'margin-based eps, but prune.strategy/eps_rule give a constant eps; use '
+        "prune.strategy=puma with prune.eps_rule='puma' or 'clip0', or set it to 0."
+      )
   if margins_needed(config) and config.margins.norm != config.attack.norm:
     raise config_base.ConfigError(
       f'margins.norm={config.margins.norm!r} differs from attack.norm={config.attack.norm!r}: '
@@ -252,6 +290,8 @@ def run_margins(ctx: Context) -> dict[str, Any]:
   ctx.margin_result = result
   overall = result.summary['overall']
   return {
+    'estimator': result.summary['estimator'],
+    'tag': result.summary['tag'],
     'summary': str(ctx.stage_dir('margins') / 'summary.json'),
     'examples': overall['count'],
     'not_converged': overall['not_converged'],
@@ -263,7 +303,8 @@ def _load_margins(ctx: Context, quantity: str = 'margin') -> dict[str, np.ndarra
   """A quantity the prune stage reads ('margin' or 'converged'): this run's, or the sidecars.
 
   The margin stage's marker names the margin model's fingerprint; the sidecars
-  are checked against it (and the DeepFool settings), so the weights are not
+  are checked against it (and the estimator's settings; the estimator's own
+  tag is read, `margins.default_tag`), so the weights are not
   restored again. Damaged sidecars are recomputed (an error naming the fix
   where their folder is read-only).
   """

@@ -92,6 +92,18 @@ def _percent(x: float | None) -> str:
   return '-' if x is None else f'{x:.2f}%'
 
 
+def _estimator(m: dict[str, Any]) -> str:
+  """The margin estimator and its settings, in words (config.json's `margins`)."""
+  name = m.get('estimator', 'deepfool')
+  text = f'estimator `{name}`, {m["norm"]}, {m["num_candidates"]} candidates'
+  if name == 'deepfool':
+    return text + f', at most {m["max_iter"]} iterations'
+  if name == 'fab':
+    fab = m.get('fab', {})
+    return text + f', {fab.get("restarts")} restarts of {fab.get("num_steps")} steps'
+  return text
+
+
 def _markdown(rep: dict[str, Any], plots: dict[str, str]) -> str:
   cfg = rep['settings']
   lines = [
@@ -107,8 +119,7 @@ def _markdown(rep: dict[str, Any], plots: dict[str, str]) -> str:
     f'- pruning: strategy `{cfg["prune"]["strategy"]}`, fraction {cfg["prune"]["fraction"]}, '
     f'scope `{cfg["prune"]["scope"]}`, eps rule `{cfg["prune"]["eps_rule"]}`, unconverged '
     f'margins `{cfg["prune"].get("unconverged", "keep_distance")}`',
-    f'- margins: DeepFool {cfg["margins"]["norm"]}, {cfg["margins"]["num_candidates"]} candidates, '
-    f'at most {cfg["margins"]["max_iter"]} iterations; margin model from `{cfg["margin_model"]["source"]}`',
+    f'- margins: {_estimator(cfg["margins"])}; margin model from `{cfg["margin_model"]["source"]}`',
     f'- training: {cfg["train"]["num_steps"]} steps of batch {cfg["train"]["batch_size"]}, '
     f'{cfg["data"]["generated_fraction"]:.0%} generated per batch',
     '',
@@ -231,6 +242,7 @@ def write_report(config: Any, workdir: str | Path) -> dict[str, Path]:
   rep = {
     'workdir': str(workdir),
     'settings': artifacts.canonical(config),
+    'margin_estimator': (margin_summary or {}).get('estimator'),
     'margins': (margin_summary or {}).get('by_source'),
     'pruning': (prune or {}).get('stats'),
     'training_curves': curves,

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,18 +55,28 @@ def select_fields(
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-  """One stage: its name and the config fields its output depends on."""
+  """One stage: its name and the config fields its output depends on.
+
+  `config_fields(config)` adds fields chosen by the config itself (the margin
+  stage records the settings of the estimator the config names, and only those).
+  """
 
   name: str
   fields: tuple[str, ...]
   ignore: tuple[str, ...] = ()
+  config_fields: Callable[[Mapping[str, Any]], tuple[str, ...]] | None = None
+
+  def fields_of(self, config: Mapping[str, Any]) -> tuple[str, ...]:
+    """The dotted config fields this stage's output depends on, for `config`."""
+    extra = self.config_fields(config) if self.config_fields is not None else ()
+    return self.fields + tuple(extra)
 
   def directory(self, workdir: str | os.PathLike) -> Path:
     return Path(workdir) / self.name
 
   def expected(self, config: Mapping[str, Any], upstream: Mapping[str, str]) -> dict[str, Any]:
     """The marker this stage would write for `config` and the upstream fingerprints."""
-    fields = select_fields(config, self.fields, self.ignore)
+    fields = select_fields(config, self.fields_of(config), self.ignore)
     return {
       'stage': self.name,
       'fields': fields,

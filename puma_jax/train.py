@@ -18,6 +18,7 @@ from absl import logging
 
 from puma_jax import artifacts, checkpointing, evaluator, parallel, steps, utilization
 from puma_jax.datasets import Prepared, input_pipeline
+from puma_jax.margins import refresh as margin_refresh
 from puma_jax.metric_writer import MetricWriter, read_metrics
 from puma_jax.model_io import create_model
 from puma_jax.progress import Progress
@@ -224,16 +225,25 @@ def train_and_evaluate(
     kept=kept,
     kept_eps=kept_eps,
   )
+  # Refreshed margins (c.train.refresh_margins_every): eps of the kept examples from the
+  # EMA weights' margins every N steps; the eps in use are the checkpoint item 'kept_eps'.
+  refresher = margin_refresh.from_config(config, model, prepared.train_splits, kept, mesh)
   ckpt = checkpointing.Checkpointer(workdir / 'checkpoints', keep_last=2)
   pruning = pruning_item(kept, kept_eps)
   start = ckpt.latest_step()
   if start is not None:
     targets = {'state': checkpointing.abstract_target(state), 'data_iter': None, 'prune': None}
-    start, restored = ckpt.restore_latest(targets, optional=('prune',))
+    if refresher is not None:
+      targets[margin_refresh.CHECKPOINT_ITEM] = None
+    start, restored = ckpt.restore_latest(
+      targets, optional=('prune', margin_refresh.CHECKPOINT_ITEM)
+    )
     if 'prune' in restored:
       check_same_pruning(restored['prune'], pruning, f'checkpoint {start} of {workdir}')
     state = restored['state']
     train_iter.set_state(restored['data_iter'])
+    if margin_refresh.CHECKPOINT_ITEM in restored:
+      train_iter.set_kept_eps(restored[margin_refresh.CHECKPOINT_ITEM])
     logging.info('resumed %s from step %d', workdir, start)
   start = start or 0
   writer = MetricWriter(workdir, resume_step=start if start else None)
@@ -265,6 +275,8 @@ def train_and_evaluate(
     items = {'state': state, 'data_iter': train_iter.get_state()}
     if pruning:
       items['prune'] = pruning
+    if refresher is not None:
+      items[margin_refresh.CHECKPOINT_ITEM] = train_iter.kept_eps
     ckpt.save(step, items)
 
   progress = Progress(f'train {workdir.name}', total, unit='steps', initial=start, every_s=30)
@@ -304,6 +316,9 @@ def train_and_evaluate(
         meter.step()
       history.append(metrics)
       progress.update(1)
+      if refresher is not None and refresher.due(step, total):
+        train_iter.set_kept_eps(refresher(state.variables(ema=True)))
+        meter.start()
       if step % train_cfg.log_every_steps == 0 or step == total:
         flush_metrics(step)
       if step % train_cfg.checkpoint_every_steps == 0 or step == total:

@@ -387,3 +387,98 @@ def test_settings_from_config():
   )
   c.margins.clip = False
   assert margins.settings_from_config(c.margins).clip is None
+
+
+ESTIMATOR_SETTINGS = {
+  'first_order': margins.EstimatorSettings('first_order', norm='l2', num_candidates=5),
+  'fab': margins.EstimatorSettings(
+    'fab', norm='linf', num_candidates=4, options=(('num_steps', 4), ('restarts', 2))
+  ),
+}
+
+
+@pytest.mark.parametrize('name', sorted(ESTIMATOR_SETTINGS))
+def test_each_estimator_in_the_engine_equals_the_pure_function(tmp_path, splits, name):
+  from puma_jax.attacks import margin_estimators
+
+  model, variables = tiny_model(seed=6)
+  settings = ESTIMATOR_SETTINGS[name]
+  res = margins.compute_margins(
+    model,
+    variables,
+    splits,
+    settings=settings,
+    batch_size=8,
+    deepfool_batch_size=1,  # chunks of one row per device
+    sidecar_root=tmp_path,
+  )
+  assert res.summary['estimator'] == name and res.summary['tag'] == f'margins_{name}'
+  assert res.settings[name] == settings.as_dict() and 'deepfool' not in res.settings
+  for key, split in splits.items():
+    images = np.stack([split.data_source[i]['image'] for i in range(split.num_examples)])
+    direct = jax.jit(
+      lambda v, x, y: margin_estimators.ESTIMATORS[name](
+        lambda z: model.apply(v, z, train=False),
+        x,
+        y,
+        norm=settings.norm,
+        num_candidates=settings.num_candidates,
+        clip=settings.clip,
+        **settings.options_dict(),
+      )
+    )(variables, images.astype(np.float32) / 255.0, split.labels())
+    np.testing.assert_allclose(res.margins[key], direct.margin, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(res.iterations[key], direct.iterations)
+    np.testing.assert_array_equal(res.converged[key], direct.converged)
+    # What was stored is what was returned, under the estimator's tag.
+    stored = sidecar.load(split, f'margins_{name}', res.settings, tmp_path)
+    np.testing.assert_array_equal(stored, res.margins[key])
+  assert not sidecar.manifest_path(splits['real'], 'margins', tmp_path).exists()
+
+
+def test_each_estimator_resumes_under_its_own_tag(tmp_path, splits):
+  model, variables = tiny_model(seed=7)
+  first_order = ESTIMATOR_SETTINGS['first_order']
+  kw = dict(batch_size=8, sidecar_root=tmp_path)
+  df = margins.compute_margins(model, variables, splits, settings=SETTINGS, **kw)
+  fo = margins.compute_margins(model, variables, splits, settings=first_order, **kw)
+  assert fo.run['shards_computed'] == {'real': [0, 1, 2], 'generated': [0, 1, 2, 3]}
+  assert not np.array_equal(df.margins['real'], fo.margins['real'])
+  # A damaged first_order shard is recomputed alone; DeepFool's sidecars are untouched.
+  split = splits['generated']
+  damaged = sidecar.sidecar_path(split, 'margins_first_order', 2, tmp_path)
+  damaged.write_bytes(damaged.read_bytes()[:-4])
+  deepfool_files = {p: p.read_bytes() for p in tmp_path.rglob('*.margins.npy')}
+  again = margins.compute_margins(model, variables, splits, settings=first_order, **kw)
+  assert again.run['shards_computed'] == {'real': [], 'generated': [2]}
+  assert {p: p.read_bytes() for p in tmp_path.rglob('*.margins.npy')} == deepfool_files
+  for key in splits:
+    np.testing.assert_array_equal(again.margins[key], fo.margins[key])
+  rerun = margins.compute_margins(model, variables, splits, settings=SETTINGS, **kw)
+  assert rerun.run['shards_computed'] == {'real': [], 'generated': []}
+  # Each loads from its own tag, checked against its own settings.
+  for settings, expected in ((SETTINGS, df), (first_order, fo)):
+    loaded = margins.load_margins(
+      model, variables, splits, settings=settings, **{'sidecar_root': tmp_path}
+    )
+    np.testing.assert_array_equal(loaded['generated'], expected.margins['generated'])
+  other = margins.EstimatorSettings('first_order', norm='l2', num_candidates=4)
+  with pytest.raises(sidecar.SidecarError, match=r'first_order\.num_candidates: 5 -> 4'):
+    margins.compute_margins(model, variables, splits, settings=other, **kw)
+
+
+def test_estimator_settings_from_config():
+  from configs import default
+
+  c = default.get_config()
+  assert margins.settings_from_config(c.margins) == margins.DeepFoolSettings()
+  assert margins.default_tag('deepfool') == 'margins'
+  c.margins.estimator = 'fab'
+  c.margins.fab.restarts = 3
+  s = margins.settings_from_config(c.margins)
+  assert s.estimator == 'fab' and s.options_dict()['restarts'] == 3
+  assert margins.default_tag(s.estimator) == 'margins_fab'
+  with pytest.raises(ValueError, match='unknown'):
+    margins.EstimatorSettings('first_order', options=(('max_iter', 3),))
+  with pytest.raises(ValueError, match='not a margin estimator'):
+    margins.default_tag('newton')

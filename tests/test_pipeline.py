@@ -244,3 +244,118 @@ def test_imagenet_tiny_end_to_end(tmp_path):
   config.eval.num_examples = 16
   pipeline.run(config, tmp_path / 'w')
   _check_complete_run(tmp_path / 'w', config)
+
+
+def test_first_order_margins_end_to_end_under_their_own_tag(default_run, tmp_path):
+  from puma_jax import datasets, pruning
+
+  config, done = default_run
+  workdir = tmp_path / 'first_order'
+  _copy_up_to_margins(done, workdir)
+  shutil.rmtree(workdir / 'margins')
+  config = _config('default')
+  config.margins.estimator = 'first_order'
+  config.eval.autoattack = 'none'
+  pipeline.run(config, workdir)
+  report = _check_complete_run(workdir, config)
+
+  marker = json.loads((workdir / 'margins' / 'stage.json').read_text())
+  assert marker['fields']['margins.estimator'] == 'first_order'
+  assert 'margins.max_iter' not in marker['fields']
+  assert marker['outputs']['tag'] == 'margins_first_order'
+  assert report['margin_estimator'] == 'first_order'
+  assert 'estimator `first_order`' in (workdir / 'report.md').read_text()
+  # DeepFool's sidecars are still there, beside the first_order ones.
+  data = workdir / 'data'
+  assert sorted(data.glob('**/*.margins_first_order.npy'))
+  assert sorted(data.glob('**/*.margins.npy'))
+  # The prune stage ranked the first_order margins (read back from their own tag).
+  prepared = datasets.prepare(config.data, data)
+  model, variables = train.restore_ema_variables(
+    config, workdir / 'margin_model', prepared.real_train.image_shape
+  )
+  loaded = margins.load_margins(
+    model, variables, prepared.train_splits, settings=margins.settings_from_config(config.margins)
+  )
+  expected = pruning.select(
+    pruning.settings_from_config(config),
+    labels={k: s.labels() for k, s in prepared.train_splits.items()},
+    margins=loaded,
+    num_classes=config.model.num_classes,
+  )
+  kept = pruning.PruneResult.load(workdir / 'prune')
+  deepfool = pruning.PruneResult.load(done / 'prune')
+  for source in kept.kept:
+    np.testing.assert_array_equal(kept.kept[source], expected.kept[source])
+    np.testing.assert_array_equal(kept.eps[source], expected.eps[source])
+  assert not np.array_equal(kept.eps['generated'], deepfool.eps['generated'])
+
+
+def test_estimator_and_refresh_choices_are_checked_before_any_work(tmp_path):
+  from puma_jax import config_base
+
+  cases = [
+    ({'margins.estimator': 'newton'}, 'not a margin estimator'),
+    ({'margins.estimator': 'fab', 'margins.clip': False}, 'needs margins.clip=True'),
+    ({'train.refresh_margins_every': 5, 'prune.strategy': 'random'}, 'constant eps'),
+    ({'train.refresh_margins_every': -1}, 'integer >= 0'),
+  ]
+  for overrides, message in cases:
+    config = _config('default')
+    for field, value in overrides.items():
+      group, name = field.split('.')
+      setattr(config[group], name, value)
+    with pytest.raises(config_base.ConfigError, match=message):
+      pipeline.run(config, tmp_path / 'w')
+    assert not (tmp_path / 'w').exists() or not any((tmp_path / 'w').iterdir())
+
+
+def test_stage_fingerprints_of_deepfool_and_no_refresh_are_unchanged():
+  # The fields the margin and train stages recorded before estimators and refresh existed.
+  config = _config('default')
+  old_margins = stages.Stage(
+    'margins',
+    (
+      'margins.norm',
+      'margins.num_candidates',
+      'margins.overshoot',
+      'margins.max_iter',
+      'margins.clip',
+    ),
+  )
+  old_train = stages.Stage('train', pipeline._TRAIN_FIELDS)
+  up = {'prepare': 'p', 'margin_model': 'm'}
+  fp = {
+    name: pipeline.STAGE_DEFS[name].expected(config, up)['fingerprint']
+    for name in ('margins', 'train')
+  }
+  assert fp['margins'] == old_margins.expected(config, up)['fingerprint']
+  assert fp['train'] == old_train.expected(config, up)['fingerprint']
+  for field, value in (('estimator', 'first_order'), ('estimator', 'fab')):
+    changed = _config('default')
+    changed.margins[field] = value
+    assert pipeline.STAGE_DEFS['margins'].expected(changed, up)['fingerprint'] != fp['margins']
+  fab = _config('default')
+  fab.margins.estimator = 'fab'
+  fab_more = _config('default')
+  fab_more.margins.estimator = 'fab'
+  fab_more.margins.fab.restarts = 3
+  assert (
+    pipeline.STAGE_DEFS['margins'].expected(fab, up)['fingerprint']
+    != pipeline.STAGE_DEFS['margins'].expected(fab_more, up)['fingerprint']
+  )
+  refreshed = _config('default')
+  refreshed.train.refresh_margins_every = 100
+  assert pipeline.STAGE_DEFS['train'].expected(refreshed, up)['fingerprint'] != fp['train']
+
+
+def test_bench_refresh_times_a_refresh_and_a_train_step(default_run):
+  from experiments import bench_refresh
+
+  _, workdir = default_run
+  out = bench_refresh.main(
+    ['--workdir', str(workdir), '--num_examples', '64', '--train_steps', '1']
+  )
+  assert out['estimator'] == 'deepfool' and out['projected']
+  assert 60 <= out['timed_examples'] <= 68 < out['kept_examples']
+  assert out['refresh_seconds_timed'] > 0 and out['train_step_seconds'] > 0

@@ -155,7 +155,7 @@ def fab_margin(
   def restart(r, s):
     _, best_dist, found_at = s
     radius = 0.5 * jnp.minimum(best_dist, d0)
-    start = lp.random_in_ball(lp.fold_in_each(keys, r), x, radius, norm).reshape(batch, -1)
+    start = lp.random_on_sphere(lp.fold_in_each(keys, r), x, radius, norm).reshape(batch, -1)
     x1 = jnp.where(r == 0, x0, start)
     return jax.lax.fori_loop(r * num_steps, (r + 1) * num_steps, step, (x1, best_dist, found_at))
 

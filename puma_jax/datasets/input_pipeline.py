@@ -305,6 +305,26 @@ class TrainIterator(grain.DatasetIterator):
         out['eps'][sel] = view.eps[positions]
     return out
 
+  @property
+  def kept_eps(self) -> dict[str, np.ndarray]:
+    """source -> f32[M] the per-example eps in use (sources that have them)."""
+    return {name: v.eps for name, v in self.views.items() if v.eps is not None}
+
+  def set_kept_eps(self, kept_eps: Mapping[str, np.ndarray]) -> None:
+    """Replaces the per-example eps of the given sources (aligned with their kept ids).
+
+    Batches from the current step on use them (batches read ahead are dropped and
+    read again). Refreshed margins (`margins.refresh`) use this; the kept ids, and
+    so the iterator's fingerprint, do not change.
+    """
+    unknown = set(kept_eps) - set(self.views)
+    if unknown:
+      raise ValueError(f'eps given for sources {sorted(unknown)} that have no view')
+    for name, eps in kept_eps.items():
+      view = self.views[name]
+      self.views[name] = make_view(view.split, view.indices, eps)
+    self._close_inner()
+
   def _image_shape(self) -> tuple[int, ...]:
     return next(iter(self.views.values())).split.image_shape
 

@@ -1,8 +1,10 @@
-"""The margin engine on the devices: per-device DeepFool over a 1-D mesh of local devices.
+"""The margin engine on the devices: a per-device margin estimator over a 1-D mesh.
 
 Each batch is split over a ('data',) mesh of this process's devices with
-`parallel.per_device` (`jax.shard_map`), and every device runs its own DeepFool
-`while_loop`, so a device stops when its own examples have converged.
+`parallel.per_device` (`jax.shard_map`), and every device runs the estimator the
+settings name (`attacks.margin_estimators.ESTIMATORS`: DeepFool's `while_loop`,
+first_order's single linearisation, FAB's restarts) on its own examples, so a
+device running DeepFool stops when its own examples have converged.
 """
 
 import functools
@@ -16,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from puma_jax import artifacts, parallel
-from puma_jax.attacks.deepfool import deepfool
+from puma_jax.attacks.margin_estimators import ESTIMATORS
 from puma_jax.datasets.splits import Split
-from puma_jax.margins.settings import DeepFoolSettings
+from puma_jax.margins.settings import MarginSettings
 
 
 def local_mesh(mesh: jax.sharding.Mesh | None) -> jax.sharding.Mesh:
@@ -73,32 +75,36 @@ def check_model(model: nn.Module, variables: Any, splits: Mapping[str, Split]) -
 @functools.lru_cache(maxsize=16)
 def margin_program(
   model: nn.Module,
-  settings: DeepFoolSettings,
+  settings: MarginSettings,
   mesh: jax.sharding.Mesh,
   deepfool_batch_size: int = 0,
 ):
-  """jit(shard_map(DeepFool)): (x f32[B,...], y i32[B], variables) -> (margin, iterations, converged).
+  """jit(shard_map(estimator)): (x f32[B,...], y i32[B], variables) -> (margin, iterations, converged).
+
+  The estimator is `ESTIMATORS[settings.estimator]` with the settings' options.
 
   One jitted function per (model, settings, mesh, deepfool_batch_size), so jit's
   cache holds its compilations across engines and calls.
 
-  `deepfool_batch_size` > 0 runs each device's examples through that many DeepFool
-  slots (`attacks.deepfool`'s `batch_size`): a finished example frees its slot for the
-  next, so the loop does not wait for the batch's slowest example.
+  `deepfool_batch_size` > 0 bounds the rows the model sees at once on each device
+  (the estimators' `batch_size`): DeepFool's slots, where a finished example frees
+  its slot for the next, so the loop does not wait for the batch's slowest example;
+  first_order and fab process the device's examples in chunks of that size.
   """
+  estimate = ESTIMATORS[settings.estimator]
+  options = settings.options_dict()
 
   def per_device(x, y, variables):
     per = x.shape[0]
-    res = deepfool(
+    res = estimate(
       lambda v: model.apply(variables, v, train=False),
       x,
       y,
       norm=settings.norm,
       num_candidates=settings.num_candidates,
-      overshoot=settings.overshoot,
-      max_iter=settings.max_iter,
       clip=settings.clip,
       batch_size=min(deepfool_batch_size, per) if deepfool_batch_size else None,
+      **options,
     )
     return res.margin, res.iterations, res.converged
 
@@ -106,10 +112,10 @@ def margin_program(
 
 
 class MarginEngine:
-  """DeepFool margins of batches on a mesh of local devices: what the stage runs per batch.
+  """Margins of batches on a mesh of local devices: what the stage runs per batch.
 
   `dispatch(image, label)` places a batch (f32[B,H,W,C], i32[B]) on the mesh and
-  starts the per-device DeepFool program, returning its device outputs
+  starts the per-device estimator program, returning its device outputs
   (margin f32[B], iterations i32[B], converged bool[B]) without waiting for them.
   The program is a plain `jax.jit`, shared by engines with the same model,
   settings, mesh and `deepfool_batch_size`, so jit's cache compiles it once per
@@ -121,7 +127,7 @@ class MarginEngine:
     self,
     model: nn.Module,
     variables: Any,
-    settings: DeepFoolSettings,
+    settings: MarginSettings,
     mesh: jax.sharding.Mesh,
     batch_size: int,
     deepfool_batch_size: int = 0,
@@ -145,7 +151,7 @@ class MarginEngine:
     return out
 
   def dispatch(self, image: np.ndarray, label: np.ndarray) -> tuple[jax.Array, ...]:
-    """Starts DeepFool on a host batch; returns the (not yet computed) device outputs."""
+    """Starts the estimator on a host batch; returns the (not yet computed) device outputs."""
     x = jax.device_put(np.asarray(image, np.float32), self.sharding)
     y = jax.device_put(np.asarray(label, np.int32), self.sharding)
     out = self(x, y)

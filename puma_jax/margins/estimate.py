@@ -21,7 +21,7 @@ from puma_jax import artifacts, parallel
 from puma_jax.datasets import input_pipeline
 from puma_jax.datasets.splits import Split
 from puma_jax.margins import engine, store
-from puma_jax.margins.settings import DeepFoolSettings, settings_from_config
+from puma_jax.margins.settings import MarginSettings, settings_from_config
 from puma_jax.progress import format_seconds
 
 
@@ -30,7 +30,7 @@ class CostEstimate:
   """A projection of the margin stage's cost from a timed probe.
 
   Attributes:
-    settings: the DeepFool settings probed.
+    settings: the estimator settings probed.
     batch_size: examples per probe batch.
     probe_batches: batches timed (after one warm-up batch).
     probe_devices: devices the probe ran on; device_kind: their kind.
@@ -42,7 +42,7 @@ class CostEstimate:
     price_per_device_hour: price of one device for one hour (0: no price given).
   """
 
-  settings: DeepFoolSettings
+  settings: MarginSettings
   batch_size: int
   probe_batches: int
   probe_devices: int
@@ -74,12 +74,13 @@ class CostEstimate:
     """A plain-text report: the probe, then a table of projected time and cost."""
     s = self.settings
     lines = [
-      f'Margin stage estimate: DeepFool {s.norm}, {s.num_candidates} candidates, '
-      f'max_iter {s.max_iter}, overshoot {s.overshoot}, clip {s.clip}',
+      f'Margin stage estimate: {s.estimator} {s.norm}, {s.num_candidates} candidates, '
+      + ''.join(f'{k} {v}, ' for k, v in s.options_dict().items())
+      + f'clip {s.clip}',
       f'probe: {self.probe_batches} batches of {self.batch_size} ({self.probe_data} inputs) on '
       f'{self.probe_devices} x {self.device_kind}: '
       f'{self.examples_per_second_per_device:,.1f} examples/s per device, '
-      f'{self.mean_iterations:.2f} DeepFool steps per example; '
+      f'{self.mean_iterations:.2f} {s.estimator} steps per example; '
       f'compile {self.compile_seconds:.1f} s once per batch shape (not included)',
       '',
     ]
@@ -149,7 +150,7 @@ def estimate_margin_cost(
   model: nn.Module,
   variables: Any,
   *,
-  settings: DeepFoolSettings,
+  settings: MarginSettings,
   batch_size: int,
   deepfool_batch_size: int = 0,
   splits: Mapping[str, Split] | Sequence[Split] | Split | None = None,
@@ -258,7 +259,7 @@ def estimate_from_config(
 def write_estimate(estimate: CostEstimate, path: str | os.PathLike) -> Path:
   """Writes the estimate as JSON (atomic), for records of planned runs."""
   data = dataclasses.asdict(estimate)
-  data['settings'] = estimate.settings.as_dict()
+  data['settings'] = {'estimator': estimate.settings.estimator, **estimate.settings.as_dict()}
   data.update(
     examples_per_second_per_device=estimate.examples_per_second_per_device,
     hours=estimate.hours(),

@@ -1,10 +1,19 @@
 """What a margin is measured with, and the provenance recorded with every margin sidecar.
 
-`DeepFoolSettings` (norm, candidates, overshoot, max_iter, clip) and, per
-stored quantity, the manifest `settings`: those DeepFool settings, the margin
-model's fingerprint (`model_io.model_fingerprint`: sha256 over the variables'
-key paths, dtypes, shapes and bytes) and a description of the module (class and simple
-fields, which change margins without changing the weights).
+The estimator (`attacks.margin_estimators.ESTIMATORS`, `c.margins.estimator`)
+and its settings: `DeepFoolSettings` (norm, candidates, overshoot, max_iter,
+clip) for DeepFool, `EstimatorSettings` (name, norm, candidates, clip and the
+estimator's own options) for the others. Per stored quantity, the manifest
+`settings` hold those settings under the estimator's name ('deepfool',
+'first_order', 'fab'), the margin model's fingerprint (`model_io.model_fingerprint`:
+sha256 over the variables' key paths, dtypes, shapes and bytes) and a
+description of the module (class and simple fields, which change margins
+without changing the weights).
+
+Each estimator stores its sidecars under its own tag (`default_tag`): 'margins'
+for DeepFool (the tag and manifests made before other estimators existed),
+'margins_<name>' for the others, so the margins of several estimators live side
+by side and each resumes on its own.
 """
 
 import dataclasses
@@ -15,6 +24,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from puma_jax.attacks import margin_estimators
 from puma_jax.attacks.deepfool import NORMS
 from puma_jax.model_io import model_fingerprint  # margins.model_fingerprint
 
@@ -60,6 +70,14 @@ class DeepFoolSettings:
       if not lo < hi:
         raise ValueError(f'margins clip bounds {self.clip}: need lo < hi')
 
+  @property
+  def estimator(self) -> str:
+    return 'deepfool'
+
+  def options_dict(self) -> dict[str, Any]:
+    """The estimator's own keyword settings (`ESTIMATORS['deepfool'](..., **options)`)."""
+    return {'overshoot': float(self.overshoot), 'max_iter': int(self.max_iter)}
+
   def as_dict(self) -> dict[str, Any]:
     """JSON-able settings, as recorded in the manifests."""
     return {
@@ -70,15 +88,95 @@ class DeepFoolSettings:
       'clip': None if self.clip is None else list(self.clip),
     }
 
+  def manifest(self) -> dict[str, Any]:
+    """{'deepfool': settings}: the manifest entry (unchanged since DeepFool was the only one)."""
+    return {'deepfool': self.as_dict()}
 
-def settings_from_config(margins_config: Any) -> DeepFoolSettings:
-  """`DeepFoolSettings` from `config.margins` (`clip=True` clips to the image box [0, 1])."""
-  return DeepFoolSettings(
+
+@dataclasses.dataclass(frozen=True)
+class EstimatorSettings:
+  """How margins are measured by an estimator other than DeepFool (recorded in every manifest).
+
+  Attributes:
+    estimator: a name in `attacks.margin_estimators.ESTIMATORS` other than 'deepfool'
+      (use `DeepFoolSettings` for DeepFool).
+    norm: 'linf' or 'l2'.
+    num_candidates: classes considered, the label included.
+    clip: (lo, hi) box, or None (fab needs (0, 1)).
+    options: the estimator's own settings as sorted (name, value) pairs (hashable, so
+      the compiled program is cached per settings), e.g. fab's num_steps and restarts.
+  """
+
+  estimator: str
+  norm: str = 'linf'
+  num_candidates: int = 10
+  clip: tuple[float, float] | None = (0.0, 1.0)
+  options: tuple[tuple[str, Any], ...] = ()
+
+  def __post_init__(self):
+    margin_estimators.check_name(self.estimator)
+    if self.estimator == 'deepfool':
+      raise ValueError('EstimatorSettings: use DeepFoolSettings for the deepfool estimator')
+    # The shared checks (norm, candidates, clip) are DeepFool's.
+    base = DeepFoolSettings(norm=self.norm, num_candidates=self.num_candidates, clip=self.clip)
+    object.__setattr__(self, 'clip', base.clip)
+    options = tuple(sorted(dict(self.options).items()))
+    known = margin_estimators.SETTINGS[self.estimator]
+    unknown = [k for k, _ in options if k not in known]
+    if unknown:
+      raise ValueError(
+        f'c.margins.{self.estimator} settings {unknown} are unknown; known: {list(known)}'
+      )
+    object.__setattr__(self, 'options', options)
+
+  def options_dict(self) -> dict[str, Any]:
+    """The estimator's own keyword settings (`ESTIMATORS[estimator](..., **options)`)."""
+    return dict(self.options)
+
+  def as_dict(self) -> dict[str, Any]:
+    """JSON-able settings, as recorded in the manifests."""
+    return {
+      'norm': self.norm,
+      'num_candidates': int(self.num_candidates),
+      'clip': None if self.clip is None else list(self.clip),
+      **self.options_dict(),
+    }
+
+  def manifest(self) -> dict[str, Any]:
+    """{estimator name: settings}: the manifest entry."""
+    return {self.estimator: self.as_dict()}
+
+
+MarginSettings = DeepFoolSettings | EstimatorSettings
+
+
+def default_tag(estimator: str) -> str:
+  """The sidecar tag of an estimator's margins: 'margins' (deepfool), 'margins_<name>'."""
+  margin_estimators.check_name(estimator)
+  return 'margins' if estimator == 'deepfool' else f'margins_{estimator}'
+
+
+def settings_from_config(margins_config: Any) -> MarginSettings:
+  """The settings of the estimator `config.margins` names (`clip=True`: the box [0, 1]).
+
+  `DeepFoolSettings` for c.margins.estimator='deepfool' (the default, also when
+  the field is absent), else `EstimatorSettings` with c.margins.<estimator>.*.
+  """
+  name, options = margin_estimators.settings_from_config(margins_config)
+  clip = (0.0, 1.0) if margins_config.get('clip', True) else None
+  if name == 'deepfool':
+    return DeepFoolSettings(
+      norm=margins_config.norm,
+      num_candidates=margins_config.num_candidates,
+      clip=clip,
+      **options,
+    )
+  return EstimatorSettings(
+    name,
     norm=margins_config.norm,
     num_candidates=margins_config.num_candidates,
-    overshoot=margins_config.overshoot,
-    max_iter=margins_config.max_iter,
-    clip=(0.0, 1.0) if margins_config.get('clip', True) else None,
+    clip=clip,
+    options=tuple(sorted(options.items())),
   )
 
 
@@ -120,7 +218,7 @@ def sidecar_tags(tag: str = 'margins') -> dict[str, str]:
 
 def sidecar_settings(
   model: nn.Module,
-  settings: DeepFoolSettings,
+  settings: MarginSettings,
   *,
   variables: Any = None,
   fingerprint: str | None = None,
@@ -140,7 +238,7 @@ def sidecar_settings(
     fingerprint = model_fingerprint(variables)
   return {
     'quantity': quantity,
-    'deepfool': settings.as_dict(),
+    **settings.manifest(),
     'model_fingerprint': fingerprint,
     'model': describe_module(model),
   }

@@ -23,7 +23,8 @@ from puma_jax.margins import settings as settings_mod
 from puma_jax.margins.settings import (
   DTYPES,
   QUANTITIES,
-  DeepFoolSettings,
+  MarginSettings,
+  default_tag,
   sidecar_settings,
   sidecar_tags,
 )
@@ -37,7 +38,7 @@ class MarginResult:
   Attributes:
     settings: the manifest settings of the margin tag (for `sidecar.load`).
     margins: per split key, f32[N] signed margins in global order.
-    iterations: per split key, i32[N] DeepFool steps.
+    iterations: per split key, i32[N] the estimator's steps (DeepFool's iterations).
     converged: per split key, bool[N].
     summary: the summary (also written as JSON by process 0 when `summary_dir` is set).
     run: this process's work: shards computed and skipped, timings, compilations.
@@ -119,11 +120,11 @@ def compute_margins(
   variables: Any,
   splits: Mapping[str, Split] | Sequence[Split] | Split,
   *,
-  settings: DeepFoolSettings,
+  settings: MarginSettings,
   batch_size: int,
   deepfool_batch_size: int = 0,
   mesh: jax.sharding.Mesh | None = None,
-  tag: str = 'margins',
+  tag: str | None = None,
   sidecar_root: str | os.PathLike | None = None,
   recompute: bool = False,
   summary_dir: str | os.PathLike | None = None,
@@ -131,7 +132,10 @@ def compute_margins(
   prefetch_batches: int = 4,
   progress_every_s: float = 30.0,
 ) -> MarginResult:
-  """Computes (or resumes) the signed DeepFool margin of every example of `splits`.
+  """Computes (or resumes) the signed margin of every example of `splits`.
+
+  The estimator is the one `settings` name (`DeepFoolSettings`, or
+  `EstimatorSettings` for first_order and fab; `settings_from_config(c.margins)`).
 
   Every process calls it; see the module docstring for devices, hosts and resume.
 
@@ -141,14 +145,16 @@ def compute_margins(
     variables: its weights (replicated or host arrays).
     splits: the splits to score, e.g. `prepared.train_splits` ({'real': ...,
       'generated': ...}); a sequence is keyed by source name ('real', 'generated').
-    settings: DeepFool settings (`settings_from_config(config.margins)`).
+    settings: the estimator and its settings (`settings_from_config(config.margins)`).
     batch_size: examples per batch on this process (a multiple of its local devices).
-    deepfool_batch_size: DeepFool's `batch_size` per device: examples iterated at once
-      (0: the device's whole share of the batch); finished examples free their slot for the next, so a batch does not
-      wait for its slowest example. A speed setting: margins do not depend on it
-      beyond float rounding, and it is not recorded in the manifest.
+    deepfool_batch_size: the estimator's `batch_size` per device: examples iterated at
+      once (0: the device's whole share of the batch); under DeepFool finished examples
+      free their slot for the next, so a batch does not wait for its slowest example.
+      A speed setting: margins do not depend on it beyond float rounding, and it is not
+      recorded in the manifest.
     mesh: a 1-D ('data',) mesh of this process's devices (default: all local devices).
-    tag: sidecar tag of the margins (plus `<tag>_iterations`, `<tag>_converged`).
+    tag: sidecar tag of the margins (plus `<tag>_iterations`, `<tag>_converged`);
+      None: the estimator's own (`default_tag`: 'margins' for DeepFool, 'margins_<name>').
     sidecar_root: write sidecars under this root instead of beside the shards.
     recompute: replace sidecars whose manifest disagrees instead of refusing them.
     summary_dir: if set, process 0 writes `summary.json` and `margins_by_source.png` there.
@@ -170,6 +176,7 @@ def compute_margins(
   engine.check_deepfool_batch_size(deepfool_batch_size)
   engine.check_model(model, variables, named)
   start = time.perf_counter()
+  tag = default_tag(settings.estimator) if tag is None else tag
   fingerprint = settings_mod.model_fingerprint(variables)
   tags = sidecar_tags(tag)
   expected = {
@@ -184,7 +191,8 @@ def compute_margins(
   done_before = sum(named[key].shard_lengths[k] for key, ks in skipped.items() for k in ks)
   pi, pc = jax.process_index(), jax.process_count()
   logging.info(
-    'margins (%s): process %d/%d scores %d shards (%d skipped, already complete) on %d devices',
+    'margins (%s, %s): process %d/%d scores %d shards (%d skipped, already complete) on %d devices',
+    settings.estimator,
     tag,
     pi,
     pc,
@@ -252,6 +260,7 @@ def compute_margins(
     {key: s.num_classes for key, s in named.items()},
     settings=expected['margin'],
   )
+  summary['estimator'] = settings.estimator
   summary['tag'] = tag
   summary['splits'] = {key: f'{s.name}:{s.split}' for key, s in named.items()}
   summary['run'] = run  # this process's (the file is written by process 0)
@@ -278,8 +287,8 @@ def load_margins(
   variables: Any,
   splits: Mapping[str, Split] | Sequence[Split] | Split,
   *,
-  settings: DeepFoolSettings,
-  tag: str = 'margins',
+  settings: MarginSettings,
+  tag: str | None = None,
   sidecar_root: str | os.PathLike | None = None,
   fingerprint: str | None = None,
   quantity: str = 'margin',
@@ -287,6 +296,7 @@ def load_margins(
   """The stored margins of each split (f32[N], global order), checked against model and settings.
 
   `quantity` 'iterations' (i32[N]) or 'converged' (bool[N]) reads those sidecars instead.
+  `tag` None reads the estimator's own tag (`default_tag(settings.estimator)`).
 
   Give the margin model's `variables`, or (variables=None) its `fingerprint`
   (`model_fingerprint`, e.g. as the margin stage recorded it), which saves
@@ -298,7 +308,7 @@ def load_margins(
   expected = sidecar_settings(
     model, settings, variables=variables, fingerprint=fingerprint, quantity=quantity
   )
-  tag = sidecar_tags(tag)[quantity]
+  tag = sidecar_tags(default_tag(settings.estimator) if tag is None else tag)[quantity]
   return {
     key: sidecar.load(split, tag, expected, sidecar_root)
     for key, split in store.named_splits(splits).items()

@@ -1,0 +1,172 @@
+"""Refreshed margins: the kept examples' margins and eps, recomputed with the model being trained.
+
+PUMA computes every example's margin once, with the margin model, and keeps
+those eps for the whole run. With `c.train.refresh_margins_every = N > 0` the
+train loop calls a `MarginRefresher` every N steps: it scores the kept examples
+(only those; the pruning decision stays the margin model's) with the EMA
+weights of the model being trained, on the devices, with the same engine
+program as the margin stage (`engine.MarginEngine`: the estimator and settings
+of `c.margins`, per device under `shard_map`), and turns the margins into eps
+with the prune stage's rule (`pruning.compute_eps` with `c.prune.eps_rule` and
+`c.attack.eps`). Nothing is written to the sidecar store: the refreshed eps
+live in the train loop's input pipeline and in its checkpoints (item
+'kept_eps'), so a resumed run continues with exactly the eps it had.
+
+The EMA weights are used, not the live ones: they are what the run evaluates
+and exports, they are what the margin stage scores (a margin model's EMA
+weights), and they move smoothly, so the eps do not follow one noisy step.
+
+Every process scores all kept examples on its own devices (the same arrays
+everywhere, so each process's input pipeline gets the same eps); a multi-host
+job repeats that work on every host.
+"""
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from puma_jax import pruning
+from puma_jax.datasets import input_pipeline
+from puma_jax.datasets.splits import Split
+from puma_jax.margins import engine
+from puma_jax.margins.settings import MarginSettings, settings_from_config
+from puma_jax.progress import Progress
+
+CHECKPOINT_ITEM = 'kept_eps'
+
+
+def check_every(every: Any) -> int:
+  if int(every) != every or every < 0:
+    raise ValueError(
+      f'train.refresh_margins_every={every!r}: need an integer >= 0 (steps between '
+      "refreshes of the kept examples' margins; 0 is off)"
+    )
+  return int(every)
+
+
+class MarginRefresher:
+  """Recomputes the eps of the kept examples from the margins of given weights.
+
+  Args:
+    model: the Flax module being trained.
+    splits: source -> Split (the training splits).
+    kept: source -> i64[M] kept global ids (the prune stage's output).
+    settings: the margin estimator and its settings (`settings_from_config(c.margins)`).
+    eps: the threat model's radius (c.attack.eps).
+    eps_rule: 'puma' or 'clip0' (the prune stage's rule, c.prune.eps_rule).
+    every: refresh after every `every` steps (> 0).
+    mesh: a 1-D ('data',) mesh of this process's devices.
+    batch_size: examples per engine batch (a multiple of the mesh's devices).
+    deepfool_batch_size: the estimator's rows per device at once (speed only).
+  """
+
+  def __init__(
+    self,
+    model: Any,
+    splits: Mapping[str, Split],
+    kept: Mapping[str, np.ndarray],
+    *,
+    settings: MarginSettings,
+    eps: float,
+    eps_rule: str,
+    every: int,
+    mesh: jax.sharding.Mesh,
+    batch_size: int,
+    deepfool_batch_size: int = 0,
+  ):
+    if eps_rule not in ('puma', 'clip0'):
+      raise ValueError(
+        f'train.refresh_margins_every={every} refreshes margin-based eps, but the prune stage '
+        f'gives a constant eps (rule {eps_rule!r}); use prune.strategy=puma with '
+        "prune.eps_rule='puma' or 'clip0', or set train.refresh_margins_every=0."
+      )
+    self.every = check_every(every)
+    self.model, self.settings, self.eps, self.eps_rule = model, settings, float(eps), eps_rule
+    self.mesh = engine.local_mesh(mesh)
+    engine.check_batch_size(batch_size, self.mesh.size)
+    self.batch_size = int(batch_size)
+    self.deepfool_batch_size = engine.check_deepfool_batch_size(deepfool_batch_size)
+    self.splits = {k: splits[k] for k in kept}
+    self.kept = {k: np.asarray(v, np.int64) for k, v in kept.items()}
+    self.last_seconds = 0.0
+
+  def due(self, step: int, total: int) -> bool:
+    """Whether to refresh after `step` (never after the last step: nothing trains on it)."""
+    return step % self.every == 0 and step < total
+
+  def margins(self, variables: Any) -> dict[str, np.ndarray]:
+    """source -> f32[M] margins of the kept examples (aligned with `kept`) under `variables`."""
+    runner = engine.MarginEngine(
+      self.model, variables, self.settings, self.mesh, self.batch_size, self.deepfool_batch_size
+    )
+    total = sum(len(ids) for ids in self.kept.values())
+    progress = Progress('refresh margins', total, every_s=30)
+    out = {}
+    for name, ids in self.kept.items():
+      split, margins = self.splits[name], np.empty(len(ids), np.float32)
+      pending = []
+      for lo in range(0, len(ids), self.batch_size):
+        chunk = ids[lo : lo + self.batch_size]
+        padded = np.concatenate([chunk, np.full(self.batch_size - len(chunk), chunk[0])])
+        images, labels = input_pipeline.read_examples(split, padded)
+        pending.append((lo, len(chunk), runner.dispatch(images.astype(np.float32) / 255, labels)))
+        if len(pending) > 1:  # the next batch is queued before this one is pulled back
+          lo_, n, res = pending.pop(0)
+          margins[lo_ : lo_ + n] = np.asarray(res[0])[:n]
+          progress.update(n)
+      for lo_, n, res in pending:
+        margins[lo_ : lo_ + n] = np.asarray(res[0])[:n]
+        progress.update(n)
+      out[name] = margins
+    progress.close()
+    return out
+
+  def __call__(self, variables: Any) -> dict[str, np.ndarray]:
+    """source -> f32[M] eps of the kept examples from their margins under `variables`."""
+    start = time.perf_counter()
+    margins = self.margins(variables)
+    self.last_seconds = time.perf_counter() - start
+    logging.info('refreshed the margins of the kept examples in %.1f s', self.last_seconds)
+    return {k: pruning.compute_eps(m, self.eps, self.eps_rule) for k, m in margins.items()}
+
+
+def from_config(
+  config: Any,
+  model: Any,
+  splits: Mapping[str, Split],
+  kept: Mapping[str, np.ndarray] | None,
+  mesh: jax.sharding.Mesh,
+) -> MarginRefresher | None:
+  """The refresher `config.train.refresh_margins_every` asks for, or None (off, or no pruning).
+
+  Runs without a pruning output (the margin model's own run) never refresh.
+  Under several processes the refresh runs on each process's local devices.
+  """
+  every = check_every(config.train.get('refresh_margins_every', 0))
+  if not every or not kept:
+    return None
+  prune = pruning.settings_from_config(config)
+  if jax.process_count() > 1:
+    mesh = engine.local_mesh(None)
+  logging.info(
+    'refreshing the eps of %d kept examples every %d steps (%s margins of the EMA weights)',
+    sum(len(v) for v in kept.values()),
+    every,
+    config.margins.get('estimator', 'deepfool'),
+  )
+  return MarginRefresher(
+    model,
+    splits,
+    kept,
+    settings=settings_from_config(config.margins),
+    eps=config.attack.eps,
+    eps_rule=prune.effective_eps_rule,
+    every=every,
+    mesh=mesh,
+    batch_size=config.margins.batch_size,
+    deepfool_batch_size=config.margins.deepfool_batch_size,
+  )
