@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from puma_jax.models import layers
+from puma_jax.models import layers, torch_layout
 
 _STAGES = ((64, 1), (128, 2), (256, 2), (512, 2))  # (planes at width 64, stride) per stage.
 _BLOCKS_PER_STAGE = 2
@@ -203,28 +203,17 @@ def to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
   params, stats = variables['params'], variables['batch_stats']
   sd: dict[str, np.ndarray] = {}
 
-  def conv(key: str, p: Mapping[str, Any]) -> None:
-    sd[f'{key}.weight'] = np.asarray(p['kernel'], np.float32).transpose(3, 2, 0, 1)
-
-  def bn(key: str, p: Mapping[str, Any], s: Mapping[str, Any]) -> None:
-    sd[f'{key}.weight'] = np.asarray(p['scale'], np.float32)
-    sd[f'{key}.bias'] = np.asarray(p['bias'], np.float32)
-    sd[f'{key}.running_mean'] = np.asarray(s['mean'], np.float32)
-    sd[f'{key}.running_var'] = np.asarray(s['var'], np.float32)
-    sd[f'{key}.num_batches_tracked'] = np.zeros((), np.int64)
-
-  conv('conv1', params['conv1'])
+  torch_layout.put_conv(sd, 'conv1', params['conv1'])
   for i in range(len(_STAGES)):
     for j in range(_BLOCKS_PER_STAGE):
       t, f = f'layer{i + 1}.{j}', f'layer{i + 1}_{j}'
       p, s = params[f], stats[f]
-      bn(f'{t}.bn1', p['bn1'], s['bn1'])
-      conv(f'{t}.conv1', p['conv1'])
-      bn(f'{t}.bn2', p['bn2'], s['bn2'])
-      conv(f'{t}.conv2', p['conv2'])
+      torch_layout.put_batchnorm(sd, f'{t}.bn1', p['bn1'], s['bn1'])
+      torch_layout.put_conv(sd, f'{t}.conv1', p['conv1'])
+      torch_layout.put_batchnorm(sd, f'{t}.bn2', p['bn2'], s['bn2'])
+      torch_layout.put_conv(sd, f'{t}.conv2', p['conv2'])
       if 'shortcut' in p:
-        conv(f'{t}.shortcut.0', p['shortcut'])
-  bn('bn', params['bn'], stats['bn'])
-  sd['linear.weight'] = np.asarray(params['linear']['kernel'], np.float32).T
-  sd['linear.bias'] = np.asarray(params['linear']['bias'], np.float32)
+        torch_layout.put_conv(sd, f'{t}.shortcut.0', p['shortcut'])
+  torch_layout.put_batchnorm(sd, 'bn', params['bn'], stats['bn'])
+  torch_layout.put_linear(sd, 'linear', params['linear'])
   return sd

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from puma_jax.models import layers
+from puma_jax.models import layers, torch_layout
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
@@ -338,28 +338,17 @@ def to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
   params, stats = variables['params'], variables['batch_stats']
   sd: dict[str, np.ndarray] = {}
 
-  def conv(key: str, p: Mapping[str, Any]) -> None:
-    sd[f'{key}.weight'] = np.asarray(p['kernel'], np.float32).transpose(3, 2, 0, 1)
-
-  def batchnorm(key: str, p: Mapping[str, Any], s: Mapping[str, Any]) -> None:
-    for t, name in _BN_PARAMS.items():
-      sd[f'{key}.{t}'] = np.asarray(p[name], np.float32)
-    for t, name in _BN_STATS.items():
-      sd[f'{key}.{t}'] = np.asarray(s[name], np.float32)
-    sd[f'{key}.num_batches_tracked'] = np.zeros((), np.int64)
-
-  conv('init_conv', params['init_conv'])
+  torch_layout.put_conv(sd, 'init_conv', params['init_conv'])
   blocks = sorted((int(m[1]), int(m[2])) for k in params if (m := _FLAX_BLOCK.match(k)))
   for group, i in blocks:
     p, s = params[f'layer_{group}_block_{i}'], stats[f'layer_{group}_block_{i}']
     prefix = f'layer.{group}.block.{i}'
-    batchnorm(f'{prefix}.batchnorm_0', p['batchnorm_0'], s['batchnorm_0'])
-    conv(f'{prefix}.conv_0', p['conv_0'])
-    batchnorm(f'{prefix}.batchnorm_1', p['batchnorm_1'], s['batchnorm_1'])
-    conv(f'{prefix}.conv_1', p['conv_1'])
+    torch_layout.put_batchnorm(sd, f'{prefix}.batchnorm_0', p['batchnorm_0'], s['batchnorm_0'])
+    torch_layout.put_conv(sd, f'{prefix}.conv_0', p['conv_0'])
+    torch_layout.put_batchnorm(sd, f'{prefix}.batchnorm_1', p['batchnorm_1'], s['batchnorm_1'])
+    torch_layout.put_conv(sd, f'{prefix}.conv_1', p['conv_1'])
     if 'shortcut' in p:
-      conv(f'{prefix}.shortcut', p['shortcut'])
-  batchnorm('batchnorm', params['batchnorm'], stats['batchnorm'])
-  sd['logits.weight'] = np.asarray(params['logits']['kernel'], np.float32).T
-  sd['logits.bias'] = np.asarray(params['logits']['bias'], np.float32)
+      torch_layout.put_conv(sd, f'{prefix}.shortcut', p['shortcut'])
+  torch_layout.put_batchnorm(sd, 'batchnorm', params['batchnorm'], stats['batchnorm'])
+  torch_layout.put_linear(sd, 'logits', params['logits'])
   return sd
