@@ -207,13 +207,9 @@ def to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
   for i in range(len(_STAGES)):
     for j in range(_BLOCKS_PER_STAGE):
       t, f = f'layer{i + 1}.{j}', f'layer{i + 1}_{j}'
-      p, s = params[f], stats[f]
-      torch_layout.put_batchnorm(sd, f'{t}.bn1', p['bn1'], s['bn1'])
-      torch_layout.put_conv(sd, f'{t}.conv1', p['conv1'])
-      torch_layout.put_batchnorm(sd, f'{t}.bn2', p['bn2'], s['bn2'])
-      torch_layout.put_conv(sd, f'{t}.conv2', p['conv2'])
-      if 'shortcut' in p:
-        torch_layout.put_conv(sd, f'{t}.shortcut.0', p['shortcut'])
+      torch_layout.put_preact_block(
+        sd, t, params[f], stats[f], layers=('bn1', 'conv1', 'bn2', 'conv2'), shortcut='shortcut.0'
+      )
   torch_layout.put_batchnorm(sd, 'bn', params['bn'], stats['bn'])
   torch_layout.put_linear(sd, 'linear', params['linear'])
   return sd

@@ -40,3 +40,31 @@ def put_linear(sd: dict[str, np.ndarray], key: str, p: Mapping[str, Any]) -> Non
   """`key.weight` f32[K,I] and `key.bias` f32[K] from {'kernel': [I,K], 'bias': [K]}."""
   sd[f'{key}.weight'] = np.asarray(p['kernel'], np.float32).T
   sd[f'{key}.bias'] = np.asarray(p['bias'], np.float32)
+
+
+def put_preact_block(
+  sd: dict[str, np.ndarray],
+  prefix: str,
+  p: Mapping[str, Any],
+  s: Mapping[str, Any],
+  *,
+  layers: tuple[str, str, str, str],
+  shortcut: str,
+) -> None:
+  """One pre-activation residual block in PyTorch's order: BN, conv, BN, conv, shortcut conv.
+
+  Args:
+    sd: the state_dict being written.
+    prefix: the block's PyTorch name.
+    p: the block's params; s: its batch_stats.
+    layers: the names of its (BN, conv, BN, conv) layers, the same in Flax and PyTorch.
+    shortcut: the PyTorch name of the 1x1 shortcut conv (Flax's 'shortcut'), written only
+      when the block has one.
+  """
+  bn_a, conv_a, bn_b, conv_b = layers
+  put_batchnorm(sd, f'{prefix}.{bn_a}', p[bn_a], s[bn_a])
+  put_conv(sd, f'{prefix}.{conv_a}', p[conv_a])
+  put_batchnorm(sd, f'{prefix}.{bn_b}', p[bn_b], s[bn_b])
+  put_conv(sd, f'{prefix}.{conv_b}', p[conv_b])
+  if 'shortcut' in p:
+    put_conv(sd, f'{prefix}.{shortcut}', p['shortcut'])

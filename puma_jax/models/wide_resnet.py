@@ -341,14 +341,15 @@ def to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
   torch_layout.put_conv(sd, 'init_conv', params['init_conv'])
   blocks = sorted((int(m[1]), int(m[2])) for k in params if (m := _FLAX_BLOCK.match(k)))
   for group, i in blocks:
-    p, s = params[f'layer_{group}_block_{i}'], stats[f'layer_{group}_block_{i}']
-    prefix = f'layer.{group}.block.{i}'
-    torch_layout.put_batchnorm(sd, f'{prefix}.batchnorm_0', p['batchnorm_0'], s['batchnorm_0'])
-    torch_layout.put_conv(sd, f'{prefix}.conv_0', p['conv_0'])
-    torch_layout.put_batchnorm(sd, f'{prefix}.batchnorm_1', p['batchnorm_1'], s['batchnorm_1'])
-    torch_layout.put_conv(sd, f'{prefix}.conv_1', p['conv_1'])
-    if 'shortcut' in p:
-      torch_layout.put_conv(sd, f'{prefix}.shortcut', p['shortcut'])
+    name = f'layer_{group}_block_{i}'
+    torch_layout.put_preact_block(
+      sd,
+      f'layer.{group}.block.{i}',
+      params[name],
+      stats[name],
+      layers=('batchnorm_0', 'conv_0', 'batchnorm_1', 'conv_1'),
+      shortcut='shortcut',
+    )
   torch_layout.put_batchnorm(sd, 'batchnorm', params['batchnorm'], stats['batchnorm'])
   torch_layout.put_linear(sd, 'logits', params['logits'])
   return sd
