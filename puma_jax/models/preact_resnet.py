@@ -26,7 +26,6 @@ from puma_jax.models import layers, torch_layout
 _STAGES = ((64, 1), (128, 2), (256, 2), (512, 2))  # (planes at width 64, stride) per stage.
 _BLOCKS_PER_STAGE = 2
 _BN_EPS = 1e-5
-_conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
 class PreActBlock(nn.Module):
@@ -42,16 +41,8 @@ class PreActBlock(nn.Module):
     bn = lambda name: nn.BatchNorm(
       use_running_average=not train, momentum=0.9, epsilon=_BN_EPS, dtype=self.dtype, name=name
     )
-    conv = lambda features, k, stride, pad, name: layers.Conv(
-      features,
-      (k, k),
-      strides=(stride, stride),
-      padding=((pad, pad), (pad, pad)),
-      use_bias=False,
-      dtype=self.dtype,
-      kernel_init=_conv_init,
-      cpu_kernels=self.cpu_kernels,
-      name=name,
+    conv = lambda features, k, stride, pad, name: layers.resnet_conv(self.dtype, self.cpu_kernels)(
+      features, (k, k), strides=(stride, stride), padding=((pad, pad), (pad, pad)), name=name
     )
     out = nn.relu(bn('bn1')(x))
     if self.stride != 1 or x.shape[-1] != self.planes:
@@ -86,15 +77,8 @@ class PreActResNet18(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """Logits f32[B,K] of images `x` f32[B,H,W,C] in [0,1]."""
     x = layers.normalize(x, self.mean, self.std).astype(self.dtype)
-    x = layers.Conv(
-      self.width,
-      (3, 3),
-      padding=((1, 1), (1, 1)),
-      use_bias=False,
-      dtype=self.dtype,
-      kernel_init=_conv_init,
-      cpu_kernels=self.cpu_kernels,
-      name='conv1',
+    x = layers.resnet_conv(self.dtype, self.cpu_kernels)(
+      self.width, (3, 3), padding=((1, 1), (1, 1)), name='conv1'
     )(x)
     for i, (planes, stride) in enumerate(_STAGES):
       for j in range(_BLOCKS_PER_STAGE):

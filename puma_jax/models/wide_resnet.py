@@ -54,7 +54,6 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 # PyTorch (DM-Improves-AT) initialisation: convolutions N(0, 2 / (k * k * out_channels)),
 # the linear layer U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with a zero bias.
-_conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 _linear_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
 
 
@@ -78,13 +77,7 @@ class _Block(nn.Module):
       epsilon=self.bn_epsilon,
       dtype=self.dtype,
     )
-    conv = functools.partial(
-      layers.Conv,
-      use_bias=False,
-      dtype=self.dtype,
-      kernel_init=_conv_init,
-      cpu_kernels=self.cpu_kernels,
-    )
+    conv = layers.resnet_conv(self.dtype, self.cpu_kernels)
     if self.stride == 1:
       pad = ((1, 1), (1, 1))
     elif self.stride == 2:
@@ -176,15 +169,8 @@ class WideResNet(nn.Module):
     mean = jnp.asarray(self.mean, jnp.float32)
     std = jnp.asarray(self.std, jnp.float32)
     y = ((x.astype(jnp.float32) - mean) / std).astype(self.dtype)
-    y = layers.Conv(
-      16,
-      (3, 3),
-      padding=((1, 1), (1, 1)),
-      use_bias=False,
-      dtype=self.dtype,
-      kernel_init=_conv_init,
-      cpu_kernels=self.cpu_kernels,
-      name='init_conv',
+    y = layers.resnet_conv(self.dtype, self.cpu_kernels)(
+      16, (3, 3), padding=((1, 1), (1, 1)), name='init_conv'
     )(y)
     for group, channels in enumerate((16 * self.width, 32 * self.width, 64 * self.width)):
       for i in range(blocks_per_group):
