@@ -37,7 +37,6 @@ table. `--tiny` runs on the `:tiny` config with small sizes in seconds (tests).
 
 import argparse
 import copy
-import csv
 import dataclasses
 import io
 import sys
@@ -417,14 +416,6 @@ def plot(
   artifacts.write_bytes(path, buf.getvalue())
 
 
-def _csv_bytes(rows: Sequence[Mapping[str, Any]]) -> bytes:
-  buf = io.StringIO()
-  writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator='\n')
-  writer.writeheader()
-  writer.writerows(rows)
-  return buf.getvalue().encode()
-
-
 def write_outputs(
   settings: Settings,
   info: Mapping[str, Any],
@@ -440,7 +431,7 @@ def write_outputs(
   out = settings.out
   eps = float(base_config(settings).attack.eps)
   text = report(settings, info, rows, command=command)
-  artifacts.write_bytes(out / 'results.csv', _csv_bytes(rows))
+  artifacts.write_csv(out / 'results.csv', rows)
   artifacts.write_text(out / 'table.md', text)
   plot(settings, rows, values, out / 'margin_scaling.png', eps=eps)
   artifacts.write_json(

@@ -33,7 +33,6 @@ and `settings.json` into --out and prints the tables.
 """
 
 import argparse
-import csv
 import dataclasses
 import fractions
 import functools
@@ -42,7 +41,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -54,7 +52,7 @@ import numpy as np
 import optax
 from scipy import special, stats
 
-from puma_jax import pruning
+from puma_jax import artifacts, pruning
 
 NORMS = ('l2', 'linf')
 PROBES = ('robust', 'clean', 'teacher')
@@ -731,27 +729,7 @@ def plot(summary: Sequence[dict[str, Any]], settings: Settings, path: Path) -> N
   buf = io.BytesIO()
   fig.savefig(buf, format='png', dpi=120)
   plt.close(fig)
-  _atomic_write(path, buf.getvalue())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-
-
-def _csv_bytes(rows: Sequence[dict[str, Any]]) -> bytes:
-  buf = io.StringIO()
-  writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator='\n')
-  writer.writeheader()
-  writer.writerows(rows)
-  return buf.getvalue().encode()
+  artifacts.write_bytes(path, buf.getvalue())
 
 
 def report(settings: Settings, summary: Sequence[dict[str, Any]], command: str) -> str:
@@ -793,10 +771,10 @@ def write_outputs(
   out = Path(out)
   summary = summarise(rows)
   text = report(settings, summary, command)
-  _atomic_write(out / 'trials.csv', _csv_bytes(rows))
-  _atomic_write(out / 'summary.csv', _csv_bytes(summary))
-  _atomic_write(out / 'table.md', text.encode())
-  _atomic_write(out / 'settings.json', (json.dumps(settings.to_dict(), indent=2) + '\n').encode())
+  artifacts.write_csv(out / 'trials.csv', rows)
+  artifacts.write_csv(out / 'summary.csv', summary)
+  artifacts.write_text(out / 'table.md', text)
+  artifacts.write_text(out / 'settings.json', json.dumps(settings.to_dict(), indent=2) + '\n')
   plot(summary, settings, out / 'errors.png')
   return text
 

@@ -39,7 +39,6 @@ on the `:tiny` config with one seed (tests).
 
 import argparse
 import copy
-import csv
 import dataclasses
 import io
 import math
@@ -497,14 +496,6 @@ def plot(summary: Sequence[Mapping[str, Any]], out: Path) -> None:
   artifacts.write_bytes(out / 'robust_vs_ratio.png', _png(fig))
 
 
-def _csv_bytes(rows: Sequence[Mapping[str, Any]]) -> bytes:
-  buf = io.StringIO()
-  writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator='\n')
-  writer.writeheader()
-  writer.writerows(rows)
-  return buf.getvalue().encode()
-
-
 def write_report(
   opts: Options, rows: Sequence[Mapping[str, Any]], notes: Sequence[str], command: str
 ) -> str:
@@ -514,9 +505,9 @@ def write_report(
   out = opts.workdir
   summary = summarise(rows)
   text = summary_markdown(opts, summary, notes, command)
-  artifacts.write_bytes(out / 'runs.csv', _csv_bytes(rows))
+  artifacts.write_csv(out / 'runs.csv', rows)
   flat = [{k: v for k, v in s.items() if k != 'values'} for s in summary]
-  artifacts.write_bytes(out / 'summary.csv', _csv_bytes(flat))
+  artifacts.write_csv(out / 'summary.csv', flat)
   artifacts.write_text(out / 'summary.md', text)
   plot(summary, out)
   baseline = run_dir(opts, grid()[0], opts.seeds[0]) / 'train' / 'metrics.jsonl'

@@ -4,8 +4,8 @@ One small layer under every stage, sidecar, pruning result, metric file and
 evaluation result:
 
 - Atomic writes: `atomic_path` (a temporary file beside the target, fsync,
-  `os.replace`), and `write_bytes` / `write_text` / `write_json` / `save_npy`
-  on top. A reader sees the old file or the complete new one, never a part.
+  `os.replace`), and `write_bytes` / `write_text` / `write_json` / `write_csv` /
+  `save_npy` on top. A reader sees the old file or the complete new one, never a part.
 - Canonical JSON: `canonical(obj)` (a JSON round trip with sorted keys, so
   tuples, lists, ConfigDicts and dicts compare equal) and `dumps`.
 - Fingerprints and checksums: `fingerprint(obj)` of JSON settings (16 hex
@@ -23,11 +23,13 @@ Nothing here knows JAX devices, Orbax, grain or TFDS.
 
 import concurrent.futures
 import contextlib
+import csv
 import hashlib
+import io
 import json
 import os
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +88,15 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
   """Atomically writes `obj` as indented, key-sorted JSON (tuples, arrays, ConfigDicts allowed)."""
   return write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + '\n')
+
+
+def write_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> Path:
+  """Atomically writes `rows` as CSV with a header; the columns are the first row's keys."""
+  buf = io.StringIO()
+  writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator='\n')
+  writer.writeheader()
+  writer.writerows(rows)
+  return write_text(path, buf.getvalue())
 
 
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:

@@ -375,16 +375,14 @@ def _check_margins(
         "compute them first or use c.prune.strategy='none' or 'random'."
       )
     return None
-  out = {}
-  for s, n in num_examples.items():
-    if s not in margins:
-      raise ValueError(f'margins of source {s!r} are missing; the margin stage covers every source')
-    m = np.asarray(margins[s])
-    if m.shape != (n,):
-      raise ValueError(
-        f'margins of {s!r} have shape {m.shape} but the source has {n} examples; the margins '
-        'are stale: recompute them (c.margins.recompute=True).'
-      )
+  out = _source_arrays(
+    margins,
+    num_examples,
+    'margins',
+    missing='the margin stage covers every source',
+    stale='the margins are stale: recompute them (c.margins.recompute=True).',
+  )
+  for s, m in out.items():
     nan = int(np.isnan(m).sum())
     if nan:
       raise ValueError(
@@ -392,7 +390,36 @@ def _check_margins(
         'c.prune.strategy needs finite or infinite margins: recompute them '
         '(c.margins.recompute=True).'
       )
-    out[s] = m
+  return out
+
+
+def _source_arrays(
+  arrays: Mapping[str, np.ndarray],
+  num_examples: dict[str, int],
+  what: str,
+  *,
+  missing: str,
+  stale: str,
+) -> dict[str, np.ndarray]:
+  """source -> arrays[source] as an ndarray [N_s], checked present and of length N_s.
+
+  Args:
+    arrays: source -> [N_s] values (margins, converged flags).
+    num_examples: source -> N_s, the sources to take.
+    what: the values' name in the errors.
+    missing: the error's fix when a source is absent.
+    stale: the error's fix when a source's array has another shape.
+  """
+  out = {}
+  for s, n in num_examples.items():
+    if s not in arrays:
+      raise ValueError(f'{what} of source {s!r} are missing; {missing}')
+    a = np.asarray(arrays[s])
+    if a.shape != (n,):
+      raise ValueError(
+        f'{what} of {s!r} have shape {a.shape} but the source has {n} examples; {stale}'
+      )
+    out[s] = a
   return out
 
 
@@ -400,21 +427,16 @@ def _check_unconverged(
   converged: Mapping[str, np.ndarray] | None, num_examples: dict[str, int]
 ) -> dict[str, np.ndarray]:
   """source -> bool[N_s], True where DeepFool did not converge (none without `converged`)."""
-  out = {}
-  for s, n in num_examples.items():
-    if converged is None:
-      out[s] = np.zeros(n, bool)
-      continue
-    if s not in converged:
-      raise ValueError(f'converged flags of source {s!r} are missing; the margin stage writes them')
-    c = np.asarray(converged[s])
-    if c.shape != (n,):
-      raise ValueError(
-        f'converged flags of {s!r} have shape {c.shape} but the source has {n} examples; '
-        'recompute the margins (c.margins.recompute=True).'
-      )
-    out[s] = ~c.astype(bool)
-  return out
+  if converged is None:
+    return {s: np.zeros(n, bool) for s, n in num_examples.items()}
+  checked = _source_arrays(
+    converged,
+    num_examples,
+    'converged flags',
+    missing='the margin stage writes them',
+    stale='recompute the margins (c.margins.recompute=True).',
+  )
+  return {s: ~c.astype(bool) for s, c in checked.items()}
 
 
 def _quota(fraction: float, n: np.ndarray) -> np.ndarray:

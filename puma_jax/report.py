@@ -6,6 +6,7 @@ rerun at any time.
 """
 
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,13 @@ def _estimator(m: dict[str, Any]) -> str:
   return text
 
 
+def _table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+  """Markdown table lines: the first column left-aligned, the others right-aligned."""
+  lines = ['| ' + ' | '.join(columns) + ' |', '|---|' + '---:|' * (len(columns) - 1)]
+  lines += ['| ' + ' | '.join(str(v) for v in row) + ' |' for row in rows]
+  return lines
+
+
 def _markdown(rep: dict[str, Any], plots: dict[str, str]) -> str:
   cfg = rep['settings']
   lines = [
@@ -126,34 +134,29 @@ def _markdown(rep: dict[str, Any], plots: dict[str, str]) -> str:
   ]
   margins = rep.get('margins')
   if margins:
-    lines += [
-      '## Margins',
-      '',
-      '| source | examples | median margin | negative | not converged |',
-      '|---|---:|---:|---:|---:|',
-    ]
+    rows = []
     for source, s in margins.items():
       median = (s.get('quantiles') or {}).get('0.5')
-      lines.append(
-        f'| {source} | {s["count"]} | {median if median is None else f"{median:.4g}"} | '
-        f'{_pct(s.get("fraction_negative"))} | {_pct(s.get("fraction_not_converged"))} |'
+      rows.append(
+        [
+          source,
+          s['count'],
+          median if median is None else f'{median:.4g}',
+          _pct(s.get('fraction_negative')),
+          _pct(s.get('fraction_not_converged')),
+        ]
       )
-    lines.append('')
+    columns = ['source', 'examples', 'median margin', 'negative', 'not converged']
+    lines += ['## Margins', '', *_table(columns, rows), '']
   prune = rep.get('pruning')
   if prune:
-    lines += [
-      '## Pruning',
-      '',
-      '| source | kept | pruned | eps reduced | eps negative | eps zero | eps full |',
-      '|---|---:|---:|---:|---:|---:|---:|',
-    ]
+    rows = []
     for source, kept in prune['kept'].items():
       e = prune['eps'].get(source, {})
-      lines.append(
-        f'| {source} | {kept} | {prune["pruned"].get(source, 0)} | {e.get("reduced", "-")} | '
-        f'{e.get("negative", "-")} | {e.get("zero", "-")} | {e.get("full", "-")} |'
-      )
-    lines.append('')
+      counts = [e.get(k, '-') for k in ('reduced', 'negative', 'zero', 'full')]
+      rows.append([source, kept, prune['pruned'].get(source, 0), *counts])
+    columns = ['source', 'kept', 'pruned', 'eps reduced', 'eps negative', 'eps zero', 'eps full']
+    lines += ['## Pruning', '', *_table(columns, rows), '']
     unconverged = prune.get('unconverged')
     if unconverged:
       counts = ', '.join(f'{s} {n}' for s, n in unconverged['count'].items())
@@ -177,12 +180,13 @@ def _markdown(rep: dict[str, Any], plots: dict[str, str]) -> str:
       'on the examples still robust), and the worst case counts an example robust only if '
       'every attack failed on it.',
       '',
-      '| stage | accuracy |',
-      '|---|---:|',
+      *_table(
+        ['stage', 'accuracy'], [[k, _percent(v)] for k, v in ev.get('accuracies', {}).items()]
+      ),
+      '',
+      f'{ev.get("n_examples", "?")} test examples.',
+      '',
     ]
-    for key, value in ev.get('accuracies', {}).items():
-      lines.append(f'| {key} | {_percent(value)} |')
-    lines += ['', f'{ev.get("n_examples", "?")} test examples.', '']
   if plots:
     lines += ['## Plots', '']
     for title, path in plots.items():

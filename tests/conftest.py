@@ -25,3 +25,12 @@ jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 @pytest.fixture(scope='session', autouse=True)
 def _four_devices():
   assert jax.device_count() == 4, jax.devices()
+
+
+@pytest.fixture
+def fast_compile():
+  """XLA with most optimisations off: for smoke tests that check a script, not its timing."""
+  before = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', True)
+  yield
+  jax.config.update('jax_disable_most_optimizations', before)

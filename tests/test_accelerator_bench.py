@@ -10,15 +10,6 @@ from experiments import accelerator_bench
 from puma_jax import utilization
 
 
-@pytest.fixture
-def fast_compile():
-  """XLA with most optimisations off: the smoke test checks the script, not the timing."""
-  before = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', before)
-
-
 def test_tiny_run_times_the_programs_with_mfu(tmp_path, capsys, fast_compile, monkeypatch):
   monkeypatch.setattr(utilization, 'peak_flops', lambda kind: 1e12)  # the CPU has no entry
   out = tmp_path / 'result.json'

@@ -226,16 +226,21 @@ def trained_workdir(tmp_path_factory):
   return workdir, config
 
 
-def test_cli_exports_the_ema_weights_of_a_trained_workdir(trained_workdir, tmp_path):
-  workdir, config = trained_workdir
-  out = tmp_path / 'model.safetensors'
-  result = subprocess.run(
-    [sys.executable, '-m', 'puma_jax.export', f'--workdir={workdir}', f'--out={out}'],
+def _export_cli(*args: str) -> subprocess.CompletedProcess:
+  """Runs `python -m puma_jax.export ARGS` from the repository root."""
+  return subprocess.run(
+    [sys.executable, '-m', 'puma_jax.export', *args],
     cwd=ROOT,
     capture_output=True,
     text=True,
     timeout=300,
   )
+
+
+def test_cli_exports_the_ema_weights_of_a_trained_workdir(trained_workdir, tmp_path):
+  workdir, config = trained_workdir
+  out = tmp_path / 'model.safetensors'
+  result = _export_cli(f'--workdir={workdir}', f'--out={out}')
   assert result.returncode == 0, result.stderr
   _, ema = model_io.restore_ema_variables(config.model, workdir / 'train')
   fields = {k: v for k, v in config.model.items() if k not in ('name', 'dtype')}
@@ -249,15 +254,9 @@ def test_cli_exports_the_ema_weights_of_a_trained_workdir(trained_workdir, tmp_p
 
 
 def test_cli_refuses_a_workdir_without_a_run(tmp_path):
-  result = subprocess.run(
-    [sys.executable, '-m', 'puma_jax.export', f'--workdir={tmp_path}', f'--out={tmp_path / "m"}'],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  result = _export_cli(f'--workdir={tmp_path}', f'--out={tmp_path / "m"}')
   assert result.returncode == 1
-  assert 'puma_jax.export: error: ' in result.stderr and 'config.json not found' in result.stderr
+  assert 'puma_jax.export: error: ' in result.stderr and 'config.json is missing' in result.stderr
   assert 'Traceback' not in result.stderr and not (tmp_path / 'm').exists()
 
 

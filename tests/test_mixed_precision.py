@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from experiments import accelerator_bench as bench
 from puma_jax import parallel
@@ -12,14 +11,6 @@ from puma_jax import parallel
 # and the errors of the ~10 layers add up roughly as a random walk; the step's loss is a
 # mean over the batch, so its relative error stays well under 1%.
 LOSS_RTOL = 0.01
-
-
-@pytest.fixture
-def fast_compile():
-  before = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', before)
 
 
 def _step(dtype):

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from train_helpers import train_step_fn
 
 from configs import default
 from puma_jax import models, steps, train
@@ -176,15 +177,12 @@ def _first_step(loss='trades', **model_overrides):
   tx, schedule = train.optimizer_from_config(config)
   init = functools.partial(steps.create_train_state, model=model, tx=tx, image_shape=(28, 28, 1))
   state = jax.jit(init)(jax.random.key(0))
-  step = functools.partial(
-    steps.train_step,
-    model=model,
-    tx=tx,
+  step = train_step_fn(
+    model,
+    tx,
     schedule=schedule,
     loss=loss,
-    norm='linf',
     num_steps=1,
-    step_size=0.25,
     trades_beta=config.train.trades_beta,
     label_smoothing=config.train.label_smoothing,
     ema_decay=config.train.ema_decay,

@@ -327,3 +327,20 @@ def test_unconverged_rule_only_matters_for_margin_strategies():
     assert r.stats['unconverged']['excluded'] == {'real': 0, 'generated': 0}
   with pytest.raises(ValueError, match=r'c\.prune\.unconverged'):
     _settings(unconverged='drop')
+
+
+@pytest.mark.parametrize(
+  'field, arrays, match',
+  [
+    ('margins', {'real': np.zeros(3, np.float32)}, "margins of source 'generated' are missing"),
+    ('margins', {'real': np.zeros(3), 'generated': np.zeros(2)}, "margins of 'generated' have"),
+    ('converged', {'real': np.ones(3, bool)}, "converged flags of source 'generated' are missing"),
+    ('converged', {'real': np.ones(2, bool), 'generated': np.ones(5, bool)}, 'shape \\(2,\\)'),
+  ],
+)
+def test_missing_or_stale_per_source_arrays_are_named(field, arrays, match):
+  labels = {'real': np.zeros(3, np.int32), 'generated': np.zeros(5, np.int32)}
+  margins = {'real': np.zeros(3, np.float32), 'generated': np.zeros(5, np.float32)}
+  kwargs = {'margins': margins, field: arrays}
+  with pytest.raises(ValueError, match=match):
+    pruning.select(_settings(strategy='puma', fraction=0.5), labels=labels, **kwargs)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from train_helpers import train_step_fn
 
 from configs import cifar10_wrn28_10, default
 from puma_jax import attacks, models, steps
@@ -161,21 +162,7 @@ def _run(num_train_steps, batches, **options):
   model = _BNNet()
   tx = optax.sgd(0.1)
   state = steps.create_train_state(jax.random.key(0), model, tx, (4, 4, 2))
-  step = functools.partial(
-    steps.train_step,
-    model=model,
-    tx=tx,
-    schedule=lambda s: 0.1,
-    loss='trades',
-    norm='linf',
-    num_steps=3,
-    step_size=0.25,
-    trades_beta=5.0,
-    label_smoothing=0.0,
-    ema_decay=0.995,
-    **options,
-  )
-  step = jax.jit(step)
+  step = jax.jit(train_step_fn(model, tx, **options))
   states = [state]
   for i in range(num_train_steps):
     state, metrics = step(state, batches[i], jax.random.key(i))
@@ -218,21 +205,8 @@ def test_batchnorm_first_batch_needs_a_model_momentum():
   model, tx = NoField(), optax.sgd(0.1)
   state = steps.create_train_state(jax.random.key(0), model, tx, (4, 4, 2))
   with pytest.raises(ValueError, match='bn_first_batch'):
-    steps.train_step(
-      state,
-      _batch(0.1),
-      jax.random.key(0),
-      model=model,
-      tx=tx,
-      schedule=lambda s: 0.1,
-      loss='trades',
-      norm='linf',
-      num_steps=1,
-      step_size=0.25,
-      trades_beta=5.0,
-      label_smoothing=0.0,
-      ema_decay=0.995,
-      bn_first_batch=True,
+    train_step_fn(model, tx, num_steps=1, bn_first_batch=True)(
+      state, _batch(0.1), jax.random.key(0)
     )
 
 

@@ -1,6 +1,5 @@
 """The train step and loop: sharding invariance, exact resume, eps semantics, learning."""
 
-import functools
 import json
 import logging
 
@@ -9,6 +8,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from train_helpers import train_step_fn
 
 from configs import default
 from puma_jax import checkpointing, datasets, model_io, parallel, steps, train
@@ -110,18 +110,8 @@ def _clean_reference_step(config, model, tx, state, batch):
 
 def _pure_step(config, model, tx, schedule, loss):
   """`steps.train_step` with 3 L-inf attack steps, unjitted and without a mesh."""
-  return functools.partial(
-    steps.train_step,
-    model=model,
-    tx=tx,
-    schedule=schedule,
-    loss=loss,
-    norm='linf',
-    num_steps=3,
-    step_size=0.25,
-    trades_beta=5.0,
-    label_smoothing=config.train.label_smoothing,
-    ema_decay=0.995,
+  return train_step_fn(
+    model, tx, schedule=schedule, loss=loss, label_smoothing=config.train.label_smoothing
   )
 
 

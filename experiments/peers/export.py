@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from puma_jax import models, stages
+from puma_jax import artifacts, models
 from puma_jax.models import preact_resnet, small_cnn
 
 # The model fields that the PyTorch twins take, per registered name.
@@ -141,7 +141,7 @@ def save_npz(path: Path, **arrays: np.ndarray) -> None:
   """np.savez through a temporary file and a rename."""
   buf = io.BytesIO()
   np.savez(buf, **arrays)
-  stages.atomic_write_bytes(Path(path), buf.getvalue())
+  artifacts.write_bytes(Path(path), buf.getvalue())
 
 
 def write_model(directory: Path, model: Any, variables: Any, image_shape: Sequence[int]) -> dict:
@@ -149,7 +149,7 @@ def write_model(directory: Path, model: Any, variables: Any, image_shape: Sequen
   directory = Path(directory)
   arch = architecture(model, image_shape)
   save_npz(directory / 'model.npz', **to_torch_state_dict(variables, arch))
-  stages.atomic_write_json(directory / 'model.json', arch)
+  artifacts.write_json(directory / 'model.json', arch)
   return arch
 
 

@@ -75,6 +75,31 @@ def _in_chunks(fn: Callable, batch_size: int | None, x: jax.Array, y: jax.Array)
   return jax.tree.map(lambda a: a.reshape(chunks * batch_size, *a.shape[2:])[:n], out)
 
 
+def _chunked_estimate(
+  margin_fn: Callable[..., Any],
+  logits_fn: LogitsFn,
+  x: jax.Array,
+  y: jax.Array,
+  batch_size: int | None,
+  **settings: Any,
+) -> MarginEstimate:
+  """`margin_fn(logits_fn, x, y, **settings)` in chunks of `batch_size`, as a MarginEstimate.
+
+  `margin_fn` returns per-example `margin` and `converged` (and `iterations` if it
+  counts them; 1 otherwise) for a batch f32[B,...], i32[B].
+  """
+  x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32)
+
+  def run(xc, yc):
+    res = margin_fn(logits_fn, xc, yc, **settings)
+    iterations = getattr(res, 'iterations', None)
+    return MarginEstimate(
+      res.margin, res.converged, jnp.ones_like(yc) if iterations is None else iterations
+    )
+
+  return _in_chunks(run, batch_size, x, y)
+
+
 def deepfool(
   logits_fn: LogitsFn,
   x: jax.Array,
@@ -113,13 +138,16 @@ def first_order(
   batch_size: int | None = None,
 ) -> MarginEstimate:
   """First-order signed margins (`attacks.first_order`), in chunks of `batch_size`."""
-  x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32)
-
-  def run(xc, yc):
-    res = first_order_margin(logits_fn, xc, yc, norm=norm, num_candidates=num_candidates, clip=clip)
-    return MarginEstimate(res.margin, res.converged, jnp.ones_like(yc))
-
-  return _in_chunks(run, batch_size, x, y)
+  return _chunked_estimate(
+    first_order_margin,
+    logits_fn,
+    x,
+    y,
+    batch_size,
+    norm=norm,
+    num_candidates=num_candidates,
+    clip=clip,
+  )
 
 
 def fab(
@@ -144,25 +172,21 @@ def fab(
       f'the fab margin estimator works in the image box [0, 1] (FAB projects onto it), got '
       f'clip={clip}; set c.margins.clip=True or use c.margins.estimator=deepfool/first_order.'
     )
-  x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32)
-
-  def run(xc, yc):
-    res = fab_margin(
-      logits_fn,
-      xc,
-      yc,
-      norm=norm,
-      num_candidates=num_candidates,
-      num_steps=num_steps,
-      restarts=restarts,
-      alpha_max=alpha_max,
-      eta=eta,
-      beta=beta,
-      seed=seed,
-    )
-    return MarginEstimate(res.margin, res.converged, res.iterations)
-
-  return _in_chunks(run, batch_size, x, y)
+  return _chunked_estimate(
+    fab_margin,
+    logits_fn,
+    x,
+    y,
+    batch_size,
+    norm=norm,
+    num_candidates=num_candidates,
+    num_steps=num_steps,
+    restarts=restarts,
+    alpha_max=alpha_max,
+    eta=eta,
+    beta=beta,
+    seed=seed,
+  )
 
 
 ESTIMATORS: dict[str, Callable[..., MarginEstimate]] = {

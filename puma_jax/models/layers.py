@@ -283,6 +283,22 @@ class Conv(nn.Module):
     return y
 
 
+def resnet_conv(dtype: Any, cpu_kernels: bool) -> Callable[..., Conv]:
+  """`Conv` as the ResNets use it: no bias, He-normal kernel init over fan-out.
+
+  Returns:
+    `Conv` with `use_bias`, `kernel_init`, `dtype` and `cpu_kernels` fixed; call it
+    with (features, kernel_size, strides=..., padding=..., name=...).
+  """
+  return functools.partial(
+    Conv,
+    use_bias=False,
+    dtype=dtype,
+    kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'),
+    cpu_kernels=cpu_kernels,
+  )
+
+
 def max_pool_2x2(x: jax.Array, cpu_kernels: bool = True) -> jax.Array:
   """2x2 max-pool with stride 2 (VALID) over the H and W axes of `x` [B,H,W,C].
 

@@ -21,12 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from puma_jax.models import layers
+from puma_jax.models import layers, torch_layout
 
 _STAGES = ((64, 1), (128, 2), (256, 2), (512, 2))  # (planes at width 64, stride) per stage.
 _BLOCKS_PER_STAGE = 2
 _BN_EPS = 1e-5
-_conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
 class PreActBlock(nn.Module):
@@ -42,16 +41,8 @@ class PreActBlock(nn.Module):
     bn = lambda name: nn.BatchNorm(
       use_running_average=not train, momentum=0.9, epsilon=_BN_EPS, dtype=self.dtype, name=name
     )
-    conv = lambda features, k, stride, pad, name: layers.Conv(
-      features,
-      (k, k),
-      strides=(stride, stride),
-      padding=((pad, pad), (pad, pad)),
-      use_bias=False,
-      dtype=self.dtype,
-      kernel_init=_conv_init,
-      cpu_kernels=self.cpu_kernels,
-      name=name,
+    conv = lambda features, k, stride, pad, name: layers.resnet_conv(self.dtype, self.cpu_kernels)(
+      features, (k, k), strides=(stride, stride), padding=((pad, pad), (pad, pad)), name=name
     )
     out = nn.relu(bn('bn1')(x))
     if self.stride != 1 or x.shape[-1] != self.planes:
@@ -86,15 +77,8 @@ class PreActResNet18(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """Logits f32[B,K] of images `x` f32[B,H,W,C] in [0,1]."""
     x = layers.normalize(x, self.mean, self.std).astype(self.dtype)
-    x = layers.Conv(
-      self.width,
-      (3, 3),
-      padding=((1, 1), (1, 1)),
-      use_bias=False,
-      dtype=self.dtype,
-      kernel_init=_conv_init,
-      cpu_kernels=self.cpu_kernels,
-      name='conv1',
+    x = layers.resnet_conv(self.dtype, self.cpu_kernels)(
+      self.width, (3, 3), padding=((1, 1), (1, 1)), name='conv1'
     )(x)
     for i, (planes, stride) in enumerate(_STAGES):
       for j in range(_BLOCKS_PER_STAGE):
@@ -203,28 +187,13 @@ def to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
   params, stats = variables['params'], variables['batch_stats']
   sd: dict[str, np.ndarray] = {}
 
-  def conv(key: str, p: Mapping[str, Any]) -> None:
-    sd[f'{key}.weight'] = np.asarray(p['kernel'], np.float32).transpose(3, 2, 0, 1)
-
-  def bn(key: str, p: Mapping[str, Any], s: Mapping[str, Any]) -> None:
-    sd[f'{key}.weight'] = np.asarray(p['scale'], np.float32)
-    sd[f'{key}.bias'] = np.asarray(p['bias'], np.float32)
-    sd[f'{key}.running_mean'] = np.asarray(s['mean'], np.float32)
-    sd[f'{key}.running_var'] = np.asarray(s['var'], np.float32)
-    sd[f'{key}.num_batches_tracked'] = np.zeros((), np.int64)
-
-  conv('conv1', params['conv1'])
+  torch_layout.put_conv(sd, 'conv1', params['conv1'])
   for i in range(len(_STAGES)):
     for j in range(_BLOCKS_PER_STAGE):
       t, f = f'layer{i + 1}.{j}', f'layer{i + 1}_{j}'
-      p, s = params[f], stats[f]
-      bn(f'{t}.bn1', p['bn1'], s['bn1'])
-      conv(f'{t}.conv1', p['conv1'])
-      bn(f'{t}.bn2', p['bn2'], s['bn2'])
-      conv(f'{t}.conv2', p['conv2'])
-      if 'shortcut' in p:
-        conv(f'{t}.shortcut.0', p['shortcut'])
-  bn('bn', params['bn'], stats['bn'])
-  sd['linear.weight'] = np.asarray(params['linear']['kernel'], np.float32).T
-  sd['linear.bias'] = np.asarray(params['linear']['bias'], np.float32)
+      torch_layout.put_preact_block(
+        sd, t, params[f], stats[f], layers=('bn1', 'conv1', 'bn2', 'conv2'), shortcut='shortcut.0'
+      )
+  torch_layout.put_batchnorm(sd, 'bn', params['bn'], stats['bn'])
+  torch_layout.put_linear(sd, 'linear', params['linear'])
   return sd

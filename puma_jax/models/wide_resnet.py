@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from puma_jax.models import layers
+from puma_jax.models import layers, torch_layout
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
@@ -54,7 +54,6 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 # PyTorch (DM-Improves-AT) initialisation: convolutions N(0, 2 / (k * k * out_channels)),
 # the linear layer U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with a zero bias.
-_conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 _linear_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
 
 
@@ -78,13 +77,7 @@ class _Block(nn.Module):
       epsilon=self.bn_epsilon,
       dtype=self.dtype,
     )
-    conv = functools.partial(
-      layers.Conv,
-      use_bias=False,
-      dtype=self.dtype,
-      kernel_init=_conv_init,
-      cpu_kernels=self.cpu_kernels,
-    )
+    conv = layers.resnet_conv(self.dtype, self.cpu_kernels)
     if self.stride == 1:
       pad = ((1, 1), (1, 1))
     elif self.stride == 2:
@@ -176,15 +169,8 @@ class WideResNet(nn.Module):
     mean = jnp.asarray(self.mean, jnp.float32)
     std = jnp.asarray(self.std, jnp.float32)
     y = ((x.astype(jnp.float32) - mean) / std).astype(self.dtype)
-    y = layers.Conv(
-      16,
-      (3, 3),
-      padding=((1, 1), (1, 1)),
-      use_bias=False,
-      dtype=self.dtype,
-      kernel_init=_conv_init,
-      cpu_kernels=self.cpu_kernels,
-      name='init_conv',
+    y = layers.resnet_conv(self.dtype, self.cpu_kernels)(
+      16, (3, 3), padding=((1, 1), (1, 1)), name='init_conv'
     )(y)
     for group, channels in enumerate((16 * self.width, 32 * self.width, 64 * self.width)):
       for i in range(blocks_per_group):
@@ -338,28 +324,18 @@ def to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
   params, stats = variables['params'], variables['batch_stats']
   sd: dict[str, np.ndarray] = {}
 
-  def conv(key: str, p: Mapping[str, Any]) -> None:
-    sd[f'{key}.weight'] = np.asarray(p['kernel'], np.float32).transpose(3, 2, 0, 1)
-
-  def batchnorm(key: str, p: Mapping[str, Any], s: Mapping[str, Any]) -> None:
-    for t, name in _BN_PARAMS.items():
-      sd[f'{key}.{t}'] = np.asarray(p[name], np.float32)
-    for t, name in _BN_STATS.items():
-      sd[f'{key}.{t}'] = np.asarray(s[name], np.float32)
-    sd[f'{key}.num_batches_tracked'] = np.zeros((), np.int64)
-
-  conv('init_conv', params['init_conv'])
+  torch_layout.put_conv(sd, 'init_conv', params['init_conv'])
   blocks = sorted((int(m[1]), int(m[2])) for k in params if (m := _FLAX_BLOCK.match(k)))
   for group, i in blocks:
-    p, s = params[f'layer_{group}_block_{i}'], stats[f'layer_{group}_block_{i}']
-    prefix = f'layer.{group}.block.{i}'
-    batchnorm(f'{prefix}.batchnorm_0', p['batchnorm_0'], s['batchnorm_0'])
-    conv(f'{prefix}.conv_0', p['conv_0'])
-    batchnorm(f'{prefix}.batchnorm_1', p['batchnorm_1'], s['batchnorm_1'])
-    conv(f'{prefix}.conv_1', p['conv_1'])
-    if 'shortcut' in p:
-      conv(f'{prefix}.shortcut', p['shortcut'])
-  batchnorm('batchnorm', params['batchnorm'], stats['batchnorm'])
-  sd['logits.weight'] = np.asarray(params['logits']['kernel'], np.float32).T
-  sd['logits.bias'] = np.asarray(params['logits']['bias'], np.float32)
+    name = f'layer_{group}_block_{i}'
+    torch_layout.put_preact_block(
+      sd,
+      f'layer.{group}.block.{i}',
+      params[name],
+      stats[name],
+      layers=('batchnorm_0', 'conv_0', 'batchnorm_1', 'conv_1'),
+      shortcut='shortcut',
+    )
+  torch_layout.put_batchnorm(sd, 'batchnorm', params['batchnorm'], stats['batchnorm'])
+  torch_layout.put_linear(sd, 'logits', params['logits'])
   return sd
