@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from puma_jax import artifacts, datasets, parallel, pruning, train
+from puma_jax import artifacts, datasets, model_io, parallel, pruning, train
 from puma_jax.datasets import input_pipeline
 from puma_jax.margins import refresh
 
@@ -64,8 +64,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   result = pruning.PruneResult.load(args.workdir / 'prune')
   kept_all = {k: np.asarray(v, np.int64) for k, v in result.kept.items()}
   kept = _subset(kept_all, args.num_examples)
-  image_shape = prepared.real_train.image_shape
-  model, variables = train.restore_ema_variables(config, args.workdir / 'train', image_shape)
+  model, variables = model_io.restore_ema_variables(config.model, args.workdir / 'train')
   mesh = parallel.make_mesh()
   refresher = refresh.from_config(config, model, prepared.train_splits, kept, mesh)
 
@@ -84,6 +83,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
   # Train steps of the workdir's config (state freshly initialised: the cost is the same).
   tx, schedule = train.optimizer_from_config(config)
+  image_shape = prepared.real_train.image_shape
   state = train._init_state(model, tx, image_shape, mesh, jax.random.key(0))  # noqa: SLF001
   step_fn = train.make_jit_train_step(config, model, tx, schedule, mesh)
   it = input_pipeline.train_iterator_from_config(

@@ -163,7 +163,7 @@ def test_main_refuses_unfinished_training(workdir, tmp_path):
   (workdir / 'train' / 'stage.json').rename(workdir / 'stage.json.bak')
   try:
     with pytest.raises(SystemExit, match='stage.json is missing'):
-      _run_main(workdir, tmp_path)
+      _run_main(workdir, tmp_path, '--peers', '')
   finally:
     (workdir / 'stage.json.bak').rename(workdir / 'train' / 'stage.json')
 

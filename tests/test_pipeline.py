@@ -271,9 +271,7 @@ def test_first_order_margins_end_to_end_under_their_own_tag(default_run, tmp_pat
   assert sorted(data.glob('**/*.margins.npy'))
   # The prune stage ranked the first_order margins (read back from their own tag).
   prepared = datasets.prepare(config.data, data)
-  model, variables = train.restore_ema_variables(
-    config, workdir / 'margin_model', prepared.real_train.image_shape
-  )
+  model, variables = model_io.restore_ema_variables(config.model, workdir / 'margin_model')
   loaded = margins.load_margins(
     model, variables, prepared.train_splits, settings=margins.settings_from_config(config.margins)
   )

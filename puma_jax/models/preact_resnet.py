@@ -35,11 +35,16 @@ class PreActBlock(nn.Module):
   stride: int = 1
   dtype: Any = jnp.float32
   cpu_kernels: bool = True
+  bn_momentum: float = 0.9
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     bn = lambda name: nn.BatchNorm(
-      use_running_average=not train, momentum=0.9, epsilon=_BN_EPS, dtype=self.dtype, name=name
+      use_running_average=not train,
+      momentum=self.bn_momentum,
+      epsilon=_BN_EPS,
+      dtype=self.dtype,
+      name=name,
     )
     conv = lambda features, k, stride, pad, name: layers.resnet_conv(self.dtype, self.cpu_kernels)(
       features, (k, k), strides=(stride, stride), padding=((pad, pad), (pad, pad)), name=name
@@ -64,6 +69,7 @@ class PreActResNet18(nn.Module):
     dtype: compute dtype; parameters stay float32 and logits are float32.
     cpu_kernels: lowered for CPU, convs with XLA:CPU-fast gradients (`layers`);
       False: plain XLA convs everywhere (forward-mode autodiff works).
+    bn_momentum: BatchNorm running-average decay (PyTorch momentum = 1 - this).
   """
 
   num_classes: int = 10
@@ -72,6 +78,7 @@ class PreActResNet18(nn.Module):
   std: Sequence[float] | None = None
   dtype: Any = jnp.float32
   cpu_kernels: bool = True
+  bn_momentum: float = 0.9
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -87,10 +94,15 @@ class PreActResNet18(nn.Module):
           stride if j == 0 else 1,
           dtype=self.dtype,
           cpu_kernels=self.cpu_kernels,
+          bn_momentum=self.bn_momentum,
           name=f'layer{i + 1}_{j}',
         )(x, train)
     x = nn.BatchNorm(
-      use_running_average=not train, momentum=0.9, epsilon=_BN_EPS, dtype=self.dtype, name='bn'
+      use_running_average=not train,
+      momentum=self.bn_momentum,
+      epsilon=_BN_EPS,
+      dtype=self.dtype,
+      name='bn',
     )(x)
     x = jnp.mean(nn.relu(x), axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, name='linear')(x)
