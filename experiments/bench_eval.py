@@ -61,7 +61,7 @@ import numpy as np
 
 from experiments import peers
 from experiments.peers import export
-from puma_jax import artifacts, datasets, margins, model_io, parallel
+from puma_jax import artifacts, datasets, evaluate, margins, model_io, parallel
 from puma_jax.attacks import autoattack
 from puma_jax.datasets import input_pipeline
 from puma_jax.progress import Progress
@@ -473,10 +473,10 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
 def pipeline_check(workdir: Path, flags_jax: np.ndarray, fingerprint: str, settings: dict) -> str:
   """Compares JAX `standard` flags bool[N, 5] with the pipeline's evaluation of the same examples."""
   results = workdir / 'evaluate' / 'results'
-  path = results / 'settings.json'
-  if not path.exists():
-    return f'skipped ({path} absent)'
-  saved = json.loads(path.read_text())
+  loaded = evaluate.load_flags(results)
+  if loaded is None:
+    return f'skipped (no evaluated batches in {results})'
+  saved, index, flags = loaded
   wanted = {**settings, 'model_fingerprint': fingerprint}
   diff = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
   if 'autoattack_budgets' in saved:
@@ -485,14 +485,6 @@ def pipeline_check(workdir: Path, flags_jax: np.ndarray, fingerprint: str, setti
     return f'skipped (the pipeline evaluated with other settings: {diff})'
   names = saved['stages']
   cols = [names.index(s) for s in STAGES[1:]]
-  index, flags = [], []
-  for f in sorted((results / 'batches').glob('*.npz')):
-    with np.load(f) as b:
-      index.append(b['index'])
-      flags.append(b['flags'])
-  if not index:
-    return 'skipped (no evaluated batches)'
-  index, flags = np.concatenate(index), np.concatenate(flags)
   n = len(flags_jax)
   keep = index < n
   if keep.sum() == 0:

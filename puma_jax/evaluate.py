@@ -102,19 +102,43 @@ class _BatchStore:
     return self.dir / f'{b:06d}.npz'
 
   def load(self, b: int) -> tuple[np.ndarray, np.ndarray] | None:
-    path = self.path(b)
-    if not path.exists():
-      return None
-    try:
-      with np.load(path) as f:
-        return f['index'], f['flags']
-    except (OSError, ValueError, KeyError) as e:
-      logging.warning('recomputing batch %d: %s is unreadable (%s)', b, path, e)
-      return None
+    return _read_batch(self.path(b))
 
   def save(self, b: int, index: np.ndarray, flags: np.ndarray) -> None:
     if jax.process_index() == 0:
       artifacts.write_bytes(self.path(b), _npz_bytes(index=index, flags=flags))
+
+
+def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+  """(index, flags) of one saved batch; None when absent or unreadable (it is recomputed)."""
+  if not path.exists():
+    return None
+  try:
+    with np.load(path) as f:
+      return f['index'], f['flags']
+  except (OSError, ValueError, KeyError) as e:
+    logging.warning('recomputing %s: unreadable (%s)', path, e)
+    return None
+
+
+def load_flags(out_dir: str | Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray] | None:
+  """What an evaluation in `out_dir` has saved so far (e.g. `WORKDIR/evaluate/results`).
+
+  Returns:
+    (settings, index i64[n], flags bool[n, S]) over the finished batches, with
+    `settings['stages']` naming the S columns; None when nothing was evaluated.
+  """
+  out_dir = Path(out_dir)
+  settings_path = out_dir / 'settings.json'
+  if not settings_path.exists():
+    return None
+  done = [_read_batch(f) for f in sorted((out_dir / 'batches').glob('*.npz'))]
+  done = [d for d in done if d is not None]
+  if not done:
+    return None
+  index = np.concatenate([d[0] for d in done])
+  flags = np.concatenate([d[1] for d in done])
+  return artifacts.read_json(settings_path), index, flags
 
 
 def _npz_bytes(**arrays: np.ndarray) -> bytes:

@@ -72,7 +72,12 @@ def test_resume_gives_the_same_report(setup, tmp_path):
   with pytest.raises(_Stop):
     _run(setup, tmp_path / 'resumed', on_batch=stop_after_first)
   assert len(list((tmp_path / 'resumed' / 'batches').glob('*.npz'))) == 1
+  settings, index, flags = evaluate.load_flags(tmp_path / 'resumed')  # the finished batch
+  assert flags.shape == (len(index), len(settings['stages'])) and flags.dtype == bool
+  assert evaluate.load_flags(tmp_path / 'nothing') is None
   resumed = _run(setup, tmp_path / 'resumed')
+  _, index_all, flags_all = evaluate.load_flags(tmp_path / 'resumed')
+  assert np.array_equal(flags_all[: len(index)], flags) and len(index_all) > len(index)
   for key in ('seconds',):
     full.pop(key), resumed.pop(key)
   assert full == resumed
