@@ -40,7 +40,7 @@ import numpy as np
 import optax
 import scipy.stats
 
-from puma_jax import artifacts, parallel, pipeline, pruning, train
+from puma_jax import artifacts, parallel, pipeline, pruning, tables, train
 from puma_jax.attacks import margin_estimators
 from puma_jax.datasets import generator, input_pipeline, mnist
 
@@ -183,17 +183,26 @@ def compare(
 
 
 def table(rows: dict[str, dict[str, float]], speed: dict[str, float]) -> str:
-  lines = [
-    '| estimator | examples/s | Spearman vs DeepFool | median abs(m)/FAB | eps >10% | converged |',
-    '|---|---:|---:|---:|---:|---:|',
+  columns = [
+    'estimator',
+    'examples/s',
+    'Spearman vs DeepFool',
+    'median abs(m)/FAB',
+    'eps >10%',
+    'converged',
   ]
-  for name, r in rows.items():
-    ratio = r.get('median_ratio_to_fab', float('nan'))
-    lines.append(
-      f'| {name} | {speed[name]:,.1f} | {r["spearman_vs_deepfool"]:.3f} | {ratio:.3f} | '
-      f'{100 * r["eps_changed_10pct"]:.1f}% | {100 * r["converged"]:.1f}% |'
-    )
-  return '\n'.join(lines)
+  cells = [
+    [
+      name,
+      f'{speed[name]:,.1f}',
+      f'{r["spearman_vs_deepfool"]:.3f}',
+      f'{r.get("median_ratio_to_fab", float("nan")):.3f}',
+      f'{100 * r["eps_changed_10pct"]:.1f}%',
+      f'{100 * r["converged"]:.1f}%',
+    ]
+    for name, r in rows.items()
+  ]
+  return tables.markdown_table(columns, cells)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from puma_jax import logs  # absl only: JAX starts later
+from puma_jax import logs, tables  # no JAX: it starts later
 
 SIZES = (4_000, 8_000, 16_000, 24_000, 32_000, 40_000)
 TINY_SIZES = (200, 400)
@@ -254,11 +254,19 @@ def linear_fit(rows: Sequence[Mapping[str, Any]]) -> tuple[float, float] | None:
 
 def format_table(rows: Sequence[Mapping[str, Any]], *, eps: float) -> str:
   """One row per size: the stage's cost, then the margin distribution."""
-  lines = [
-    '| generated examples | x real | seconds | CPU seconds | examples/s | DeepFool steps '
-    f'| not converged | negative | below eps={eps:g} | q0.01 | q0.1 | median | q0.9 | q0.99 |',
-    '|' + ' ---: |' * 14,
+  columns = [
+    'generated examples',
+    'x real',
+    'seconds',
+    'CPU seconds',
+    'examples/s',
+    'DeepFool steps',
+    'not converged',
+    'negative',
+    f'below eps={eps:g}',
+    *('q0.01', 'q0.1', 'median', 'q0.9', 'q0.99'),
   ]
+  cells = []
   for r in rows:
     secs = f'{r["seconds"]:.0f}'
     if r['compile_seconds'] >= 0.5:
@@ -266,20 +274,21 @@ def format_table(rows: Sequence[Mapping[str, Any]], *, eps: float) -> str:
     if r['resumed']:
       secs += ' (resumed: partial)'
     rate = '-' if r['examples_per_s'] is None else f'{r["examples_per_s"]:.0f}'
-    cells = [
-      f'{r["examples"]:,}',
-      f'{r["times_real"]:g}',
-      secs,
-      f'{r["cpu_seconds"]:.0f}',
-      rate,
-      f'{r["deepfool_steps_mean"]:.2f}',
-      f'{r["not_converged"] / r["examples"]:.1%}',
-      f'{r["fraction_negative"]:.1%}',
-      f'{r["fraction_below_eps"]:.1%} ({r["below_eps"]:,})',
-      *(f'{r[f"q{q}"]:.4f}' for q in ('0.01', '0.1', '0.5', '0.9', '0.99')),
-    ]
-    lines.append('| ' + ' | '.join(cells) + ' |')
-  return '\n'.join(lines)
+    cells.append(
+      [
+        f'{r["examples"]:,}',
+        f'{r["times_real"]:g}',
+        secs,
+        f'{r["cpu_seconds"]:.0f}',
+        rate,
+        f'{r["deepfool_steps_mean"]:.2f}',
+        f'{r["not_converged"] / r["examples"]:.1%}',
+        f'{r["fraction_negative"]:.1%}',
+        f'{r["fraction_below_eps"]:.1%} ({r["below_eps"]:,})',
+        *(f'{r[f"q{q}"]:.4f}' for q in ('0.01', '0.1', '0.5', '0.9', '0.99')),
+      ]
+    )
+  return tables.markdown_table(columns, cells)
 
 
 def report(

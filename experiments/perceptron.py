@@ -52,7 +52,7 @@ import numpy as np
 import optax
 from scipy import special, stats
 
-from puma_jax import artifacts, pruning
+from puma_jax import artifacts, pruning, tables
 
 NORMS = ('l2', 'linf')
 PROBES = ('robust', 'clean', 'teacher')
@@ -650,8 +650,7 @@ def format_table(summary: Sequence[dict[str, Any]], metric: str) -> str:
     if k not in keys:
       keys.append(k)
   cells = {(r['strategy'], r['fraction'], r['alpha']): r for r in summary}
-  header = '| strategy | dropped | ' + ' | '.join(f'α={a:g}' for a in alphas) + ' |'
-  lines = [header, '|' + ' --- |' * (len(alphas) + 2)]
+  rows = []
   for strategy, fraction in keys:
     row = [STRATEGY_LABELS[strategy], '0' if strategy == 'none' else f'{fraction:g}']
     for a in alphas:
@@ -659,8 +658,8 @@ def format_table(summary: Sequence[dict[str, Any]], metric: str) -> str:
       row.append(
         _cell(r[f'{metric}_mean'], r[f'{metric}_std'], r['collapsed']) if r is not None else ''
       )
-    lines.append('| ' + ' | '.join(row) + ' |')
-  return '\n'.join(lines)
+    rows.append(row)
+  return tables.markdown_table(['strategy', 'dropped', *(f'α={a:g}' for a in alphas)], rows)
 
 
 _COLORS = {

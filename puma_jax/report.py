@@ -6,7 +6,6 @@ rerun at any time.
 """
 
 import json
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from puma_jax import artifacts
+from puma_jax import artifacts, tables
 from puma_jax.metric_writer import read_metrics
 
 SOURCES = ('real', 'generated')
@@ -105,13 +104,6 @@ def _estimator(m: dict[str, Any]) -> str:
   return text
 
 
-def _table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
-  """Markdown table lines: the first column left-aligned, the others right-aligned."""
-  lines = ['| ' + ' | '.join(columns) + ' |', '|---|' + '---:|' * (len(columns) - 1)]
-  lines += ['| ' + ' | '.join(str(v) for v in row) + ' |' for row in rows]
-  return lines
-
-
 def _markdown(rep: dict[str, Any], plots: dict[str, str]) -> str:
   cfg = rep['settings']
   lines = [
@@ -147,7 +139,7 @@ def _markdown(rep: dict[str, Any], plots: dict[str, str]) -> str:
         ]
       )
     columns = ['source', 'examples', 'median margin', 'negative', 'not converged']
-    lines += ['## Margins', '', *_table(columns, rows), '']
+    lines += ['## Margins', '', tables.markdown_table(columns, rows), '']
   prune = rep.get('pruning')
   if prune:
     rows = []
@@ -156,7 +148,7 @@ def _markdown(rep: dict[str, Any], plots: dict[str, str]) -> str:
       counts = [e.get(k, '-') for k in ('reduced', 'negative', 'zero', 'full')]
       rows.append([source, kept, prune['pruned'].get(source, 0), *counts])
     columns = ['source', 'kept', 'pruned', 'eps reduced', 'eps negative', 'eps zero', 'eps full']
-    lines += ['## Pruning', '', *_table(columns, rows), '']
+    lines += ['## Pruning', '', tables.markdown_table(columns, rows), '']
     unconverged = prune.get('unconverged')
     if unconverged:
       counts = ', '.join(f'{s} {n}' for s, n in unconverged['count'].items())
@@ -180,7 +172,7 @@ def _markdown(rep: dict[str, Any], plots: dict[str, str]) -> str:
       'on the examples still robust), and the worst case counts an example robust only if '
       'every attack failed on it.',
       '',
-      *_table(
+      tables.markdown_table(
         ['stage', 'accuracy'], [[k, _percent(v)] for k, v in ev.get('accuracies', {}).items()]
       ),
       '',

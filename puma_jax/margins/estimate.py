@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from puma_jax import artifacts, parallel
+from puma_jax import artifacts, parallel, tables
 from puma_jax.datasets import input_pipeline
 from puma_jax.datasets.splits import Split
 from puma_jax.margins import engine, store
@@ -99,12 +99,7 @@ class CostEstimate:
       if self.price_per_device_hour:
         row.append(f'{self.cost():,.2f}')
       rows.append(row)
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    fmt = lambda cells: (
-      '| ' + ' | '.join(c.rjust(w) for c, w in zip(cells, widths, strict=True)) + ' |'
-    )
-    lines += [fmt(header), '|' + '|'.join('-' * (w + 2) for w in widths) + '|']
-    lines += [fmt(r) for r in rows]
+    lines.append(tables.markdown_table(header, rows))
     lines += [
       '',
       'Assumes devices of the probed kind, linear scaling over devices and hosts (each host '
