@@ -51,6 +51,13 @@ _CPU_DEVICES = flags.DEFINE_integer(
   "data-parallel stages use every core; 0 keeps JAX's default (1); N > 0 gives N. Batch "
   'sizes must be multiples of it. Ignored by GPU and TPU runs.',
 )
+_COMPILATION_CACHE = flags.DEFINE_string(
+  'compilation_cache',
+  None,
+  "XLA's persistent compilation cache (reruns and resumed runs load the compiled programs "
+  'instead of compiling them again): default <workdir>/compilation_cache unless '
+  'JAX_COMPILATION_CACHE_DIR is set; "" turns it off.',
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 MAX_AUTO_CPU_DEVICES = 8
 
@@ -67,11 +74,21 @@ def _set_cpu_devices(requested: int) -> None:
     jax.config.update('jax_num_cpu_devices', n)
 
 
+def _set_compilation_cache(requested: str | None, workdir: str) -> None:
+  """Turns on XLA's persistent compilation cache (JAX_COMPILATION_CACHE_DIR wins)."""
+  if requested is None:
+    if jax.config.jax_compilation_cache_dir:
+      return
+    requested = os.path.join(workdir, 'compilation_cache')
+  jax.config.update('jax_compilation_cache_dir', requested or None)
+
+
 def main(argv: list[str]) -> None:
   del argv  # cli.run refuses extra arguments.
   if logging.get_verbosity() < 1:
     logs.quiet_orbax()  # unless -v 1
   _set_cpu_devices(_CPU_DEVICES.value)
+  _set_compilation_cache(_COMPILATION_CACHE.value, _WORKDIR.value)
   if _DISTRIBUTED.value:
     jax.distributed.initialize(
       coordinator_address=_COORDINATOR.value,

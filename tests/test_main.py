@@ -20,6 +20,24 @@ def test_default_batch_sizes_divide_over_auto_cpu_devices():
     assert batch % main.MAX_AUTO_CPU_DEVICES == 0
 
 
+def test_the_persistent_compilation_cache_defaults_to_the_workdir(monkeypatch):
+  import jax
+
+  before = jax.config.jax_compilation_cache_dir
+  try:
+    jax.config.update('jax_compilation_cache_dir', None)
+    main._set_compilation_cache(None, '/w')
+    assert jax.config.jax_compilation_cache_dir == '/w/compilation_cache'
+    main._set_compilation_cache(None, '/other')  # one already set (JAX_COMPILATION_CACHE_DIR)
+    assert jax.config.jax_compilation_cache_dir == '/w/compilation_cache'
+    main._set_compilation_cache('/cache', '/w')
+    assert jax.config.jax_compilation_cache_dir == '/cache'
+    main._set_compilation_cache('', '/w')
+    assert not jax.config.jax_compilation_cache_dir
+  finally:
+    jax.config.update('jax_compilation_cache_dir', before)
+
+
 # --- Errors on the command line: one message on stderr, exit 2 (usage/config) or 1 -----------
 
 import subprocess  # noqa: E402
