@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from puma_jax import logs  # absl only: JAX starts later
+from puma_jax import logs, tables  # no JAX: it starts later
 
 SEEDS = (0, 1, 2)
 RATIOS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
@@ -65,7 +65,14 @@ ESTIMATOR_FIELD = 'margins.estimator'
 # The refresh option of the margins (issue 15, point 2): recompute the kept examples' margins
 # with the model being trained every N steps. Not in the config yet; its arms run once it is.
 REFRESH_FIELD = 'train.refresh_margins_every'
-REFRESH_EVERY = 200
+# One refresh, halfway (never after the last step). A DeepFool refresh of the kept set costs
+# about a whole run's training; a FAB refresh about ten (docs/margin_estimators.md), so the
+# fab-with-refresh arm runs only with --with_fab_refresh (it alone would double the study).
+REFRESH_EVERY = 400
+OPTIONAL_SETTINGS = ('puma_f0.3_fab_refresh',)
+# AutoAttack standard on the first N test digits of the selected runs (0: all 1,000): the
+# evaluation budget that keeps the study within about 2.5 hours on 2 CPU cores.
+AUTOATTACK_EXAMPLES = 500
 TINY_SETTINGS = ('at', 'puma_f0', 'puma_f0.3', 'prune_low_f0.3', 'puma_f0.3_first_order')
 METRICS = ('clean_acc', 'pgd_ce_acc', 'pgd_cw_acc', 'worst_case_acc')
 METRIC_LABELS = {
@@ -149,10 +156,14 @@ class Options:
   seeds: tuple[int, ...] = SEEDS
   train_steps: int = TRAIN_STEPS
   eval_examples: int = 0  # 0: the whole test split (1,000 embedded digits)
+  autoattack_examples: int = AUTOATTACK_EXAMPLES
+  with_fab_refresh: bool = False
 
   def settings(self) -> list[Setting]:
     settings = grid()
-    return [s for s in settings if s.name in TINY_SETTINGS] if self.tiny else settings
+    if self.tiny:
+      return [s for s in settings if s.name in TINY_SETTINGS]
+    return [s for s in settings if self.with_fab_refresh or s.name not in OPTIONAL_SETTINGS]
 
 
 def default_config(tiny: bool) -> Any:
@@ -227,6 +238,20 @@ def _timed(fn: Any, *args: Any, **kwargs: Any) -> float:
   return time.perf_counter() - start
 
 
+def _add_seconds(folder: Path, key: str, seconds: float) -> float:
+  """Adds this invocation's seconds to `folder/study_seconds.json[key]`; the total so far.
+
+  A study resumed over several invocations thus reports the wall time of all of them.
+  """
+  from puma_jax import artifacts  # noqa: PLC0415
+
+  path = folder / 'study_seconds.json'
+  times = artifacts.read_json(path) if path.exists() else {}
+  times[key] = round(times.get(key, 0.0) + seconds, 1)
+  artifacts.write_json(path, times)
+  return times[key]
+
+
 def run_base(opts: Options) -> None:
   """The data, the margin model and its DeepFool margins, once, in `<workdir>/base`."""
   from puma_jax import pipeline  # noqa: PLC0415 (JAX starts here, not at import)
@@ -234,6 +259,7 @@ def run_base(opts: Options) -> None:
   config = base_config(opts)
   for stage in ('prepare', 'margin_model', 'margins'):
     seconds = _timed(pipeline.run, config, opts.workdir / 'base', stage=stage)
+    _add_seconds(opts.workdir / 'base', stage, seconds)
     logging.info('study: base stage %s in %.1f s', stage, seconds)
 
 
@@ -244,6 +270,7 @@ def run_one(opts: Options, setting: Setting, seed: int) -> dict[str, Any]:
   workdir = run_dir(opts, setting, seed)
   seconds = _timed(pipeline.run, run_config(opts, setting, seed), workdir)
   logging.info('study: run %s in %.1f s', workdir.name, seconds)
+  total = _add_seconds(workdir, 'run', seconds)
   rep = artifacts.read_json(workdir / 'report.json')
   ev = rep['evaluation_report']
   row = {
@@ -255,18 +282,25 @@ def run_one(opts: Options, setting: Setting, seed: int) -> dict[str, Any]:
     **{m: ev[m] for m in METRICS},
     'autoattack_acc': None,
     'eval_examples': ev['n_examples'],
-    'seconds': round(seconds, 1),  # this invocation's (0-ish when every stage was done)
+    'seconds': total,  # wall time of the run over every invocation that worked on it
+    'autoattack_seconds': None,
   }
   return row
 
 
-def run_autoattack(opts: Options, setting: Setting, seed: int) -> float:
-  """AutoAttack standard on one trained run (the library's evaluator; resumable)."""
+def run_autoattack(opts: Options, setting: Setting, seed: int) -> tuple[float, float]:
+  """AutoAttack standard on one trained run (the library's evaluator; resumable).
+
+  Returns its accuracy and its wall time over every invocation.
+  """
   from puma_jax import artifacts, datasets, evaluate, model_io  # noqa: PLC0415
 
+  start = time.perf_counter()
   workdir = run_dir(opts, setting, seed)
   config = run_config(opts, setting, seed)
   config.eval.autoattack = 'standard'
+  if not opts.tiny:
+    config.eval.num_examples = opts.autoattack_examples
   prepared = datasets.prepare(config.data, config.data.data_dir, build=False)
   model, variables = model_io.restore_ema_variables(config.model, workdir / 'train')
   rep = evaluate.evaluate_workdir(
@@ -279,7 +313,8 @@ def run_autoattack(opts: Options, setting: Setting, seed: int) -> float:
     model_fingerprint=artifacts.tree_fingerprint(variables),
   )
   artifacts.write_json(workdir / 'autoattack' / 'report.json', rep)
-  return rep['autoattack_acc']
+  seconds = _add_seconds(workdir, 'autoattack', time.perf_counter() - start)
+  return rep['autoattack_acc'], seconds
 
 
 def run_study(opts: Options) -> tuple[list[dict[str, Any]], list[str]]:
@@ -288,6 +323,12 @@ def run_study(opts: Options) -> tuple[list[dict[str, Any]], list[str]]:
   Returns the rows and the notes (skipped arms, the AutoAttack choice).
   """
   notes = []
+  if not opts.tiny and not opts.with_fab_refresh:
+    notes.append(
+      'puma_f0.3_fab_refresh (FAB margins refreshed every '
+      f'{REFRESH_EVERY} steps): not run; one FAB refresh of the kept set costs about ten '
+      'runs of training here. Run it with --with_fab_refresh.'
+    )
   settings = []
   for s in opts.settings():
     missing = missing_fields(s)
@@ -309,15 +350,34 @@ def run_study(opts: Options) -> tuple[list[dict[str, Any]], list[str]]:
   summary = summarise(rows)
   best = best_puma(summary)
   chosen = [BASELINE] + ([best] if best else [])
+  aa_examples = 'all' if opts.tiny or not opts.autoattack_examples else opts.autoattack_examples
   notes.append(
     f'AutoAttack (standard) on {" and ".join(chosen)} (the best PUMA setting by mean PGD '
-    'worst-case accuracy), every seed.'
+    f'worst-case accuracy), every seed, on {aa_examples} test digits (the first).'
   )
   by_name = {s.name: s for s in settings}
   for row in rows:
     if row['setting'] in chosen:
-      row['autoattack_acc'] = run_autoattack(opts, by_name[row['setting']], row['seed'])
+      acc, seconds = run_autoattack(opts, by_name[row['setting']], row['seed'])
+      row['autoattack_acc'], row['autoattack_seconds'] = acc, seconds
+  notes.append(wall_time_note(opts, rows))
   return rows, notes
+
+
+def wall_time_note(opts: Options, rows: Sequence[Mapping[str, Any]]) -> str:
+  """The study's wall time, summed over every invocation that did its work (it resumes)."""
+  from puma_jax import artifacts  # noqa: PLC0415
+
+  path = opts.workdir / 'base' / 'study_seconds.json'
+  base = sum(artifacts.read_json(path).values()) if path.exists() else 0.0
+  runs = sum(r['seconds'] for r in rows)
+  aa = sum(r['autoattack_seconds'] or 0.0 for r in rows)
+  total = base + runs + aa
+  return (
+    f'Wall time {total / 3600:.2f} h ({total:,.0f} s), summed over the invocations that did '
+    f'the work: base stages {base:,.0f} s, {len(rows)} runs {runs:,.0f} s, AutoAttack '
+    f'{aa:,.0f} s.'
+  )
 
 
 # ----------------------------------------------------------------------------- report
@@ -414,12 +474,18 @@ def summary_markdown(
     'when it survives both). Accuracies in percent, mean ± std over seeds '
     f'({", ".join(map(str, opts.seeds))}).',
     '',
-    '| setting | seeds | clean | PGD-CE | PGD-CW | PGD worst | AutoAttack |',
-    '| --- | ---: | ---: | ---: | ---: | ---: | ---: |',
+    tables.markdown_table(
+      ['setting', 'seeds', 'clean', 'PGD-CE', 'PGD-CW', 'PGD worst', 'AutoAttack'],
+      [
+        [
+          labels.get(s['setting'], s['setting']),
+          s['seeds'],
+          *(_cell(s, m) for m in (*METRICS, 'autoattack_acc')),
+        ]
+        for s in summary
+      ],
+    ),
   ]
-  for s in summary:
-    cells = ' | '.join(_cell(s, m) for m in (*METRICS, 'autoattack_acc'))
-    lines.append(f'| {labels.get(s["setting"], s["setting"])} | {s["seeds"]} | {cells} |')
   lines += ['', '## Notes', '', *[f'- {n}' for n in notes], '']
   lines += [
     '## Differences',
@@ -531,14 +597,29 @@ def parse_args(argv: Sequence[str]) -> Options:
     default=TRAIN_STEPS,
     help=f"training steps of every run (default {TRAIN_STEPS}; --tiny: the tiny config's)",
   )
+  p.add_argument(
+    '--autoattack_examples',
+    type=int,
+    default=AUTOATTACK_EXAMPLES,
+    help=f'AutoAttack on the first N test digits (default {AUTOATTACK_EXAMPLES}; 0: all)',
+  )
+  p.add_argument(
+    '--with_fab_refresh',
+    action='store_true',
+    help='also run PUMA 30%% with FAB margins refreshed (about 10 runs of training each)',
+  )
   a = p.parse_args(argv)
   if a.train_steps < 1:
     p.error(f'--train_steps must be >= 1, got {a.train_steps}')
+  if a.autoattack_examples < 0:
+    p.error(f'--autoattack_examples must be >= 0, got {a.autoattack_examples}')
   return Options(
     workdir=Path(a.workdir).expanduser(),
     tiny=a.tiny,
     seeds=(0,) if a.tiny else SEEDS,
     train_steps=a.train_steps,
+    autoattack_examples=a.autoattack_examples,
+    with_fab_refresh=a.with_fab_refresh,
   )
 
 

@@ -87,6 +87,21 @@ def test_autoattack_runs_on_the_baseline_and_the_best_puma_setting(tiny_study):
   assert f'AutoAttack (standard) on at and {best}' in text
 
 
+def test_the_wall_time_adds_up_over_invocations(tiny_study):
+  out, _ = tiny_study
+  text = (out / 'summary.md').read_text()  # written with runs.csv, by the latest invocation
+  rows = _rows(out / 'runs.csv')
+  base = json.loads((out / 'base' / 'study_seconds.json').read_text())
+  assert sorted(base) == ['margin_model', 'margins', 'prepare'] and min(base.values()) > 0
+  for r in rows.values():
+    saved = json.loads((out / 'runs' / r['run'] / 'study_seconds.json').read_text())
+    assert float(r['seconds']) == saved['run'] > 0
+    assert (r['autoattack_seconds'] != '') == (r['autoattack_acc'] != '')
+  total = sum(base.values()) + sum(float(r['seconds']) for r in rows.values())
+  total += sum(float(r['autoattack_seconds'] or 0) for r in rows.values())
+  assert f'Wall time {total / 3600:.2f} h ({total:,.0f} s)' in text
+
+
 def test_the_runs_share_one_margin_model_and_its_margins(tiny_study):
   out, _ = tiny_study
   base = json.loads((out / 'base' / 'margins' / 'stage.json').read_text())['outputs']
@@ -128,7 +143,17 @@ def test_the_full_grid_covers_the_study():
   assert {'at', 'random_f0.3', 'prune_low_f0.3', 'prune_high_f0.3'} <= set(names)
   estimator_arms = [n for n in names if n.startswith('puma_f0.3_')]
   assert len(estimator_arms) == 5  # 3 estimators x refresh on/off, less puma_f0.3 itself
-  assert study.Options(workdir=study.Path('/w')).seeds == (0, 1, 2)
+  opts = study.Options(workdir=study.Path('/w'))
+  assert opts.seeds == (0, 1, 2)
+  # The FAB-refresh arm (about ten runs of training per refresh) runs only when asked for.
+  assert 'puma_f0.3_fab_refresh' not in [s.name for s in opts.settings()]
+  assert len(opts.settings()) == len(names) - 1
+  with_fab = study.parse_args(['--workdir=/w', '--with_fab_refresh'])
+  assert [s.name for s in with_fab.settings()] == names
+  assert study.parse_args(['--workdir=/w']).autoattack_examples == study.AUTOATTACK_EXAMPLES
+  refresh = next(s for s in study.grid() if s.name == 'puma_f0.3_deepfool_refresh')
+  config = study.run_config(opts, refresh, 0)
+  assert config.train.refresh_margins_every == study.REFRESH_EVERY < config.train.num_steps
 
 
 def test_within_spread_compares_the_difference_with_its_standard_error():
@@ -148,7 +173,12 @@ def test_study_rerun_does_no_new_work(tiny_study, monkeypatch):
 
   monkeypatch.setattr(pipeline, 'RUNNERS', {name: must_not_run for name in pipeline.STAGES})
   monkeypatch.setattr(autoattack, 'run_standard', must_not_run)
-  assert study.main([f'--workdir={out}', '--tiny']) == text
+  rerun = study.main([f'--workdir={out}', '--tiny'])
+
+  def without_wall_time(t):  # the rerun's own (short) wall time is added to the total
+    return [line for line in t.splitlines() if 'Wall time' not in line]
+
+  assert without_wall_time(rerun) == without_wall_time(text) and 'Wall time' in rerun
 
 
 @pytest.mark.parametrize(
