@@ -77,6 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.attack.norm = 'linf'
     c.attack.eps = 8 / 255
     c.attack.step_size = 0.25  # 2/255 per step.
+    c.train.trades_step_size = 0.0  # attack.step_size: DM-Improves-AT's 2/255.
   c.attack.num_steps = 10
 
   steps_per_epoch = -(-EPOCH_EXAMPLES // BATCH_SIZE)

@@ -58,6 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.attack.eps = 4 / 255
   c.attack.num_steps = 10
   c.attack.step_size = 0.25
+  c.train.trades_step_size = 0.0  # attack.step_size
 
   c.margins.norm = 'linf'
   c.margins.num_candidates = 10  # Top-10 classes of the initial logits, whatever K is.

@@ -43,7 +43,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.generated.url = ''
   c.data.generated.sha256 = ''  # npz with url: the file's sha256 (hex), checked after download.
   c.data.generated.name = 'mnist_generated'  # TFDS config name of the built dataset.
-  c.data.generated.num_examples = 40_000  # embedded generator only.
+  # Embedded generator only. 24,000 (and the 5-step training attack below) keep the quick
+  # start under 5 minutes on 2 CPU cores (README); docs/performance.md has the trials.
+  c.data.generated.num_examples = 24_000
   c.data.generated.seed = 0  # embedded generator only.
   c.data.generated.num_shards = 4
   c.data.generated_fraction = 0.7  # Share of every training batch drawn from generated data.
@@ -69,7 +71,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.attack = ml_collections.ConfigDict()
   c.attack.norm = 'linf'  # linf | l2
   c.attack.eps = 0.3
-  c.attack.num_steps = 10
+  c.attack.num_steps = 5  # The training attack's steps (PGD evaluation: eval.pgd_steps).
   c.attack.step_size = 0.25  # Relative to each example's radius |eps_i|.
 
   # Margin model: trained here on the unpruned data, or loaded.
@@ -159,7 +161,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.train.trades_start = 'normal'
   # TRADES' step relative to eps_i; 0: attack.step_size (which PGD evaluation also uses).
   # DM-Improves-AT's L2 TRADES steps 2 * eps / num_steps while its PGD evaluation steps 15/255.
-  c.train.trades_step_size = 0.0
+  c.train.trades_step_size = 0.5  # 5 steps of eps/2 (the CIFAR configs: 10 of eps/4).
   c.train.attack_batchnorm = 'running'
   # Step 0 sets BatchNorm running statistics to the batch's (PyTorch momentum 1.0,
   # DM-Improves-AT); False: they move from (0, 1) by the model's momentum. Needs a model
