@@ -39,7 +39,7 @@ setuptools.setup(
   ],
   extras_require={
     # jupytext: docs/make_tutorial_notebook.py and its test.
-    'test': ['pytest>=8,<10', 'ruff>=0.6,<1', 'jupytext>=1.16,<2'],
+    'test': ['pytest>=8,<10', 'pytest-xdist>=3.5,<4', 'ruff>=0.6,<1', 'jupytext>=1.16,<2'],
     # Converting an ImageNet-style folder tree of JPEGs.
     'imagenet': ['pillow>=10,<14'],
   },

@@ -293,6 +293,8 @@ def test_cifar_config_is_the_dm_recipe_and_default_keeps_its_behaviour():
     'copy_each_epoch',
   )
   assert (t.trades_start, t.attack_batchnorm, t.bn_first_batch) == ('uniform', 'batch', True)
+  # DM-Improves-AT's L-inf TRADES: 10 steps of eps/4 (2/255), whatever the base's default.
+  assert (c.attack.num_steps, c.attack.step_size, t.trades_step_size) == (10, 0.25, 0.0)
   l2 = cifar10_wrn28_10.get_config('l2').train
   assert (l2.trades_start, l2.trades_step_size) == ('normal', pytest.approx(2 / 10))
   d = default.get_config().train
@@ -302,9 +304,6 @@ def test_cifar_config_is_the_dm_recipe_and_default_keeps_its_behaviour():
     0.0,
     'average',
   )
-  assert (d.trades_start, d.attack_batchnorm, d.bn_first_batch, d.trades_step_size) == (
-    'normal',
-    'running',
-    False,
-    0.0,
-  )
+  assert (d.trades_start, d.attack_batchnorm, d.bn_first_batch) == ('normal', 'running', False)
+  # The embedded default's own attack: 5 TRADES steps of eps/2, PGD evaluation steps of eps/4.
+  assert (default.get_config().attack.num_steps, d.trades_step_size) == (5, 0.5)
