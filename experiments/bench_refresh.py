@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   )
   warm.margins(variables)
   start = time.perf_counter()
-  refresher(variables)
+  refresher(variables, {k: result.eps[k][np.isin(kept_all[k], v)] for k, v in kept.items()})
   refresh_s = time.perf_counter() - start
   n = sum(len(v) for v in kept.values())
   n_all = sum(len(v) for v in kept_all.values())

@@ -317,7 +317,7 @@ def train_and_evaluate(
       history.append(metrics)
       progress.update(1)
       if refresher is not None and refresher.due(step, total):
-        train_iter.set_kept_eps(refresher(state.variables(ema=True)))
+        train_iter.set_kept_eps(refresher(state.variables(ema=True), train_iter.kept_eps))
         meter.start()
       if step % train_cfg.log_every_steps == 0 or step == total:
         flush_metrics(step)

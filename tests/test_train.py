@@ -359,6 +359,9 @@ def _refresh_setup(prepared, **train_overrides):
   # Attack steps of eps/4: the drift between device counts measured below is for them
   # (the default's steps of eps/2 turn a reassociated sum into more flipped pixels).
   config.train.trades_step_size = 0.0
+  # max_iter 3 leaves most margins of a barely trained model unconverged: use them as they
+  # are, so the eps vary (how the other rules treat them: test_refreshed_unconverged_...).
+  config.prune.unconverged = 'keep_distance'
   config.margins.batch_size = 32
   config.margins.deepfool_batch_size = 8
   config.margins.max_iter = 3
@@ -408,7 +411,7 @@ def test_refreshed_eps_are_the_prune_rule_of_the_engines_margins(prepared):
   from puma_jax import margins, pruning
   from puma_jax.attacks import margin_estimators
 
-  config, kept, _ = _refresh_setup(prepared)
+  config, kept, previous = _refresh_setup(prepared)
   config.prune.eps_rule = 'clip0'
   model, _, _, state = _setup(config, prepared, parallel.make_mesh())
   variables = state.variables(ema=True)
@@ -417,7 +420,7 @@ def test_refreshed_eps_are_the_prune_rule_of_the_engines_margins(prepared):
     refresher = margins.refresh.from_config(
       config, model, prepared.train_splits, kept, parallel.make_mesh(devices)
     )
-    out[len(devices)] = refresher.margins(variables), refresher(variables)
+    out[len(devices)] = refresher.margins(variables), refresher(variables, previous)
   (m1, e1), (m4, e4) = out[1], out[4]
   for source, ids in kept.items():
     np.testing.assert_allclose(m1[source], m4[source], rtol=2e-5, atol=1e-6)
@@ -436,6 +439,25 @@ def test_refreshed_eps_are_the_prune_rule_of_the_engines_margins(prepared):
       **options,
     )
     np.testing.assert_allclose(m4[source], direct.margin, rtol=2e-5, atol=1e-6)
+
+
+def test_refreshed_unconverged_margins_follow_the_prune_rule():
+  from puma_jax.margins import refresh
+
+  margins = np.array([0.1, -0.05, 0.2, -0.2], np.float32)
+  converged = np.array([True, True, False, False])
+  previous = np.full(4, 0.123, np.float32)
+
+  def eps(rule):
+    return refresh.refreshed_eps(
+      margins, converged, previous, eps=0.3, eps_rule='puma', unconverged=rule
+    ).tolist()
+
+  assert eps('keep_distance') == pytest.approx([0.1, -0.05, 0.2, -0.2])
+  assert eps('infinite') == pytest.approx([0.1, -0.05, 0.3, -0.3])  # +-inf: the full eps
+  assert eps('exclude') == pytest.approx([0.1, -0.05, 0.123, 0.123])  # kept set fixed: as before
+  with pytest.raises(ValueError, match='unconverged'):
+    eps('other')
 
 
 def test_refreshed_margins_on_four_devices_equal_one_device(prepared, tmp_path):

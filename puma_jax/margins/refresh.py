@@ -8,7 +8,11 @@ weights of the model being trained, on the devices, with the same engine
 program as the margin stage (`engine.MarginEngine`: the estimator and settings
 of `c.margins`, per device under `shard_map`), and turns the margins into eps
 with the prune stage's rule (`pruning.compute_eps` with `c.prune.eps_rule` and
-`c.attack.eps`). Nothing is written to the sidecar store: the refreshed eps
+`c.attack.eps`). A refreshed margin that did not converge follows
+`c.prune.unconverged` as far as a fixed kept set allows (`refreshed_eps`):
+keep_distance uses it, infinite gives the full eps (+-eps by its sign), and
+exclude, which cannot drop the example mid-run, keeps its previous eps. Nothing
+is written to the sidecar store: the refreshed eps
 live in the train loop's input pipeline and in its checkpoints (item
 'kept_eps'), so a resumed run continues with exactly the eps it had.
 
@@ -39,6 +43,35 @@ from puma_jax.progress import Progress
 CHECKPOINT_ITEM = 'kept_eps'
 
 
+def refreshed_eps(
+  margins: np.ndarray,
+  converged: np.ndarray,
+  previous: np.ndarray,
+  *,
+  eps: float,
+  eps_rule: str,
+  unconverged: str,
+) -> np.ndarray:
+  """f32[M] eps from refreshed margins, with `c.prune.unconverged` for unconverged ones.
+
+  Args:
+    margins: f32[M] refreshed margins; converged: bool[M], whether each converged.
+    previous: f32[M] the eps the examples trained with so far.
+    eps, eps_rule: the threat model's radius and the prune stage's rule.
+    unconverged: keep_distance (use the margin, a lower bound) | infinite (+-inf: the full
+      eps, by the margin's sign) | exclude (the kept set is fixed: keep `previous`).
+  """
+  margins, converged = np.asarray(margins, np.float32), np.asarray(converged, bool)
+  if unconverged == 'infinite':
+    margins = np.where(converged, margins, np.copysign(np.float32(np.inf), margins))
+  out = pruning.compute_eps(margins, eps, eps_rule)
+  if unconverged == 'exclude':
+    out = np.where(converged, out, np.asarray(previous, np.float32))
+  elif unconverged not in ('keep_distance', 'infinite'):
+    raise ValueError(f'c.prune.unconverged={unconverged!r}: not a rule refresh knows')
+  return out.astype(np.float32)
+
+
 def check_every(every: Any) -> int:
   if int(every) != every or every < 0:
     raise ValueError(
@@ -58,6 +91,7 @@ class MarginRefresher:
     settings: the margin estimator and its settings (`settings_from_config(c.margins)`).
     eps: the threat model's radius (c.attack.eps).
     eps_rule: 'puma' or 'clip0' (the prune stage's rule, c.prune.eps_rule).
+    unconverged: c.prune.unconverged, applied by `refreshed_eps`.
     every: refresh after every `every` steps (> 0).
     mesh: a 1-D ('data',) mesh of this process's devices.
     batch_size: examples per engine batch (a multiple of the mesh's devices).
@@ -75,6 +109,7 @@ class MarginRefresher:
     eps_rule: str,
     every: int,
     mesh: jax.sharding.Mesh,
+    unconverged: str = 'keep_distance',
     batch_size: int,
     deepfool_batch_size: int = 0,
   ):
@@ -86,6 +121,7 @@ class MarginRefresher:
       )
     self.every = check_every(every)
     self.model, self.settings, self.eps, self.eps_rule = model, settings, float(eps), eps_rule
+    self.unconverged = unconverged
     self.mesh = engine.local_mesh(mesh)
     engine.check_batch_size(batch_size, self.mesh.size)
     self.batch_size = int(batch_size)
@@ -100,6 +136,10 @@ class MarginRefresher:
 
   def margins(self, variables: Any) -> dict[str, np.ndarray]:
     """source -> f32[M] margins of the kept examples (aligned with `kept`) under `variables`."""
+    return {k: m for k, (m, _) in self.scores(variables).items()}
+
+  def scores(self, variables: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """source -> (f32[M] margins, bool[M] converged) of the kept examples under `variables`."""
     runner = engine.MarginEngine(
       self.model, variables, self.settings, self.mesh, self.batch_size, self.deepfool_batch_size
     )
@@ -108,6 +148,7 @@ class MarginRefresher:
     out = {}
     for name, ids in self.kept.items():
       split, margins = self.splits[name], np.empty(len(ids), np.float32)
+      converged = np.empty(len(ids), bool)
       pending = []
       for lo in range(0, len(ids), self.batch_size):
         chunk = ids[lo : lo + self.batch_size]
@@ -117,21 +158,42 @@ class MarginRefresher:
         if len(pending) > 1:  # the next batch is queued before this one is pulled back
           lo_, n, res = pending.pop(0)
           margins[lo_ : lo_ + n] = np.asarray(res[0])[:n]
+          converged[lo_ : lo_ + n] = np.asarray(res[2])[:n]
           progress.update(n)
       for lo_, n, res in pending:
         margins[lo_ : lo_ + n] = np.asarray(res[0])[:n]
+        converged[lo_ : lo_ + n] = np.asarray(res[2])[:n]
         progress.update(n)
-      out[name] = margins
+      out[name] = (margins, converged)
     progress.close()
     return out
 
-  def __call__(self, variables: Any) -> dict[str, np.ndarray]:
-    """source -> f32[M] eps of the kept examples from their margins under `variables`."""
+  def __call__(self, variables: Any, previous: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """source -> f32[M] eps of the kept examples from their margins under `variables`.
+
+    `previous`: source -> f32[M] the eps they trained with so far (kept for unconverged
+    margins under `c.prune.unconverged=exclude`).
+    """
     start = time.perf_counter()
-    margins = self.margins(variables)
+    scores = self.scores(variables)
     self.last_seconds = time.perf_counter() - start
-    logging.info('refreshed the margins of the kept examples in %.1f s', self.last_seconds)
-    return {k: pruning.compute_eps(m, self.eps, self.eps_rule) for k, m in margins.items()}
+    logging.info(
+      'refreshed the margins of the kept examples in %.1f s (not converged: %s; rule %s)',
+      self.last_seconds,
+      ', '.join(f'{k} {int((~c).sum())}' for k, (_, c) in scores.items()),
+      self.unconverged,
+    )
+    return {
+      k: refreshed_eps(
+        m,
+        c,
+        previous[k],
+        eps=self.eps,
+        eps_rule=self.eps_rule,
+        unconverged=self.unconverged,
+      )
+      for k, (m, c) in scores.items()
+    }
 
 
 def from_config(
@@ -165,6 +227,7 @@ def from_config(
     settings=settings_from_config(config.margins),
     eps=config.attack.eps,
     eps_rule=prune.effective_eps_rule,
+    unconverged=prune.unconverged,
     every=every,
     mesh=mesh,
     batch_size=config.margins.batch_size,
