@@ -12,7 +12,7 @@ import json
 import ml_collections
 import pytest
 
-from experiments import margin_scaling, study
+from experiments import margin_scaling, study, study_report
 from puma_jax import margins, pipeline
 from puma_jax.attacks import autoattack
 
@@ -160,9 +160,9 @@ def test_within_spread_compares_the_difference_with_its_standard_error():
   def setting(values):
     return {'values': {'m': values}}
 
-  assert study.within_spread(setting([50.0, 52.0, 54.0]), setting([53.0, 55.0, 57.0]), 'm')
-  assert not study.within_spread(setting([50.0, 51.0, 52.0]), setting([60.0, 61.0, 62.0]), 'm')
-  assert study.within_spread(setting([50.0]), setting([60.0, 61.0]), 'm') is None
+  assert study_report.within_spread(setting([50.0, 52.0, 54.0]), setting([53.0, 55.0, 57.0]), 'm')
+  assert not study_report.within_spread(setting([50.0, 51.0, 52.0]), setting([60.0, 61.0, 62.0]), 'm')
+  assert study_report.within_spread(setting([50.0]), setting([60.0, 61.0]), 'm') is None
 
 
 def test_study_rerun_does_no_new_work(tiny_study, monkeypatch):
