@@ -32,24 +32,20 @@ def select_fields(
   `ignore` names dotted fields inside those sub-trees that are left out (settings
   that do not change the stage's output, such as `data.real.download`).
   """
-  config = artifacts.canonical(config)
+  config = artifacts.canonical(config)  # a copy: the ignored leaves are dropped from it
+  for field in ignore:
+    *parents, leaf = field.split('.')
+    node = config
+    for part in parents:
+      node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+      node.pop(leaf, None)
   out = {}
   for field in fields:
     node = config
     for part in field.split('.'):
       node = node[part]
     out[field] = node
-  for field in ignore:
-    *parents, leaf = field.split('.')
-    for i in range(len(parents), 0, -1):
-      head, rest = '.'.join(parents[:i]), parents[i:]
-      if head in out:
-        node = out[head]
-        for part in rest:
-          node = node.get(part, {}) if isinstance(node, dict) else {}
-        if isinstance(node, dict):
-          node.pop(leaf, None)
-        break
   return out
 
 
