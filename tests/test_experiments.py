@@ -161,7 +161,9 @@ def test_within_spread_compares_the_difference_with_its_standard_error():
     return {'values': {'m': values}}
 
   assert study_report.within_spread(setting([50.0, 52.0, 54.0]), setting([53.0, 55.0, 57.0]), 'm')
-  assert not study_report.within_spread(setting([50.0, 51.0, 52.0]), setting([60.0, 61.0, 62.0]), 'm')
+  assert not study_report.within_spread(
+    setting([50.0, 51.0, 52.0]), setting([60.0, 61.0, 62.0]), 'm'
+  )
   assert study_report.within_spread(setting([50.0]), setting([60.0, 61.0]), 'm') is None
 
 

@@ -156,3 +156,32 @@ def test_without_cpu_kernels_forward_mode_works_and_parameters_are_the_same(name
     np.testing.assert_allclose(jvp[:, k], jnp.sum(row * tangent, axis=(1, 2, 3)), rtol=2e-4)
   with pytest.raises(TypeError, match='custom_vjp'):
     jax.jvp(f(fast), (x,), (tangent,))
+
+
+@pytest.mark.parametrize('name', sorted(MODELS))
+def test_cpu_kernels_work_inside_shard_map_with_its_type_check(name):
+  """Per-device gradients inside `jax.shard_map` (check_vma on), as with the plain layers.
+
+  The replicated weights' gradients come back summed over the devices, as JAX's own
+  rules make them; the input gradients stay per device.
+  """
+  mesh = jax.make_mesh((jax.device_count(),), ('data',))
+  x = jnp.asarray(np.random.default_rng(1).uniform(0, 1, (8, 32, 32, 3)), jnp.float32)
+  fast = models.create(name, num_classes=10, **MODELS[name])
+  plain = models.create(name, num_classes=10, cpu_kernels=False, **MODELS[name])
+  variables = fast.init(jax.random.key(0), x, train=False)
+  x = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.P('data')))
+
+  def grads(model):
+    def per_device(v, x):
+      loss = lambda v, x: model.apply(v, x, train=False).sum()
+      return jax.grad(loss, argnums=(0, 1))(v, x)
+
+    spec = (jax.P(), jax.P('data'))
+    return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=spec, out_specs=spec))(
+      variables, x
+    )
+
+  ours, reference = grads(fast), grads(plain)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(reference), strict=True):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5)

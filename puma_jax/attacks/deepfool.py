@@ -76,6 +76,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from puma_jax import vma
 from puma_jax.attacks import lp
 
 # Added to each step's distance, as in the original DeepFool code and foolbox.
@@ -285,7 +286,8 @@ def deepfool(
       converged=jnp.zeros((n,), bool),
     ),
   )
-  return jax.lax.while_loop(cond, body, init).result
+  # Inside jax.shard_map the constants of the carry vary per device like the examples.
+  return jax.lax.while_loop(cond, body, vma.vary_like(init, x)).result
 
 
 def _top_competitors(logits: jax.Array, y: jax.Array, num: int) -> jax.Array:

@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from puma_jax import parallel
+from puma_jax import parallel, vma
 
 _DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 Padding = tuple[tuple[int, int], tuple[int, int]]
@@ -116,7 +116,8 @@ def _conv2d_bwd(strides, padding, res, g):
   else:
     dx = _input_grad_strided(g, kernel, x.shape[1:3], strides, padding)
   dkernel = _kernel_grad_cpu(x, g, kernel, strides=strides, padding=padding)
-  return dx.astype(x.dtype), dkernel
+  # Inside jax.shard_map: a replicated kernel's gradient summed over the devices.
+  return vma.sum_like(dx.astype(x.dtype), x), vma.sum_like(dkernel, kernel)
 
 
 # Output positions (batch x Ho x Wo) per chunk of the CPU kernel gradient. On the benchmark
@@ -161,7 +162,7 @@ def _kernel_grad_chunked(x, g, kernel, *, strides, padding):
     return dk.reshape(1, 1, cin, cout).astype(kernel.dtype)
   g = jnp.pad(g, ((0, extra), (0, 0), (0, 0), (0, 0)))
 
-  def chunk_grad(i, acc):
+  def chunk_grad(i):
     xi = jax.lax.dynamic_slice_in_dim(xp, i * chunk, chunk)  # [m, Hp, Wp, Cin]
     gi = jax.lax.dynamic_slice_in_dim(g, i * chunk, chunk)  # [m, Ho, Wo, Cout]
     # The batch becomes the contraction: x as [Cin, Hp, Wp, m], g as a kernel [Ho, Wo, m, Cout].
@@ -175,11 +176,11 @@ def _kernel_grad_chunked(x, g, kernel, *, strides, padding):
       dimension_numbers=_DIMENSION_NUMBERS,
       preferred_element_type=jnp.float32,
     )  # [Cin, kh, kw, Cout]
-    return acc + dk
+    return dk
 
-  dk = jax.lax.fori_loop(
-    0, (b + extra) // chunk, chunk_grad, jnp.zeros((cin, kh, kw, cout), jnp.float32)
-  )
+  # The first chunk starts the sum (not zeros): the carry then has the type of the data,
+  # which `jax.shard_map`'s check_vma requires of a loop inside it.
+  dk = jax.lax.fori_loop(1, (b + extra) // chunk, lambda i, acc: acc + chunk_grad(i), chunk_grad(0))
   return dk.transpose(1, 2, 0, 3).astype(kernel.dtype)
 
 
