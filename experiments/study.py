@@ -150,6 +150,7 @@ class Options:
   eval_examples: int = 0  # 0: the whole test split (1,000 embedded digits)
   autoattack_examples: int = AUTOATTACK_EXAMPLES
   with_fab_refresh: bool = False
+  report_only: bool = False
 
   def settings(self) -> list[Setting]:
     settings = grid()
@@ -257,27 +258,44 @@ def run_base(opts: Options) -> None:
 
 def run_one(opts: Options, setting: Setting, seed: int) -> dict[str, Any]:
   """The main job for one setting and seed (finished stages are skipped); its report row."""
-  from puma_jax import artifacts, pipeline  # noqa: PLC0415
+  from puma_jax import pipeline  # noqa: PLC0415
 
   workdir = run_dir(opts, setting, seed)
   seconds = _timed(pipeline.run, run_config(opts, setting, seed), workdir)
   logging.info('study: run %s in %.1f s', workdir.name, seconds)
-  total = _add_seconds(workdir, 'run', seconds)
-  rep = artifacts.read_json(workdir / 'report.json')
-  ev = rep['evaluation_report']
-  row = {
+  _add_seconds(workdir, 'run', seconds)
+  return finished_row(opts, setting, seed, with_autoattack=False)
+
+
+def finished_row(
+  opts: Options, setting: Setting, seed: int, *, with_autoattack: bool = True
+) -> dict[str, Any] | None:
+  """The report row of a finished run (its pipeline wrote report.json), else None.
+
+  `with_autoattack`: also its AutoAttack accuracy, where that evaluation has finished.
+  """
+  from puma_jax import artifacts  # noqa: PLC0415
+
+  workdir = run_dir(opts, setting, seed)
+  if not (workdir / 'report.json').exists():
+    return None
+  ev = artifacts.read_json(workdir / 'report.json')['evaluation_report']
+  times_path = workdir / 'study_seconds.json'
+  times = artifacts.read_json(times_path) if times_path.exists() else {}
+  aa_path = workdir / 'autoattack' / 'report.json'
+  aa = with_autoattack and aa_path.exists()
+  return {
     'run': workdir.name,
     'setting': setting.name,
     'strategy': setting.strategy,
     'ratio': setting.ratio,
     'seed': seed,
     **{m: ev[m] for m in METRICS},
-    'autoattack_acc': None,
+    'autoattack_acc': artifacts.read_json(aa_path)['autoattack_acc'] if aa else None,
     'eval_examples': ev['n_examples'],
-    'seconds': total,  # wall time of the run over every invocation that worked on it
-    'autoattack_seconds': None,
+    'seconds': times.get('run', 0.0),  # wall time over every invocation that worked on it
+    'autoattack_seconds': times.get('autoattack') if aa else None,
   }
-  return row
 
 
 def run_autoattack(opts: Options, setting: Setting, seed: int) -> tuple[float, float]:
@@ -332,6 +350,8 @@ def run_study(opts: Options) -> tuple[list[dict[str, Any]], list[str]]:
       logging.info('study: %s', notes[-1])
     else:
       settings.append(s)
+  if opts.report_only:
+    return report_finished(opts, settings, notes)
   run_base(opts)
   rows = []
   total = len(settings) * len(opts.seeds)
@@ -357,6 +377,28 @@ def run_study(opts: Options) -> tuple[list[dict[str, Any]], list[str]]:
     if row['setting'] in chosen:
       acc, seconds = run_autoattack(opts, by_name[row['setting']], row['seed'])
       row['autoattack_acc'], row['autoattack_seconds'] = acc, seconds
+  notes.append(wall_time_note(opts, rows))
+  return rows, notes
+
+
+def report_finished(
+  opts: Options, settings: Sequence[Setting], notes: list[str]
+) -> tuple[list[dict[str, Any]], list[str]]:
+  """The rows of the runs that have finished, and a note naming the others (runs nothing)."""
+  rows, missing = [], []
+  for seed in opts.seeds:
+    for s in settings:
+      row = finished_row(opts, s, seed)
+      if row is None:
+        missing.append(f'{s.name}_s{seed}')
+      else:
+        rows.append(row)
+  total = len(settings) * len(opts.seeds)
+  notes.append(
+    f'Partial report (--report_only): {len(rows)} of {total} runs finished'
+    + (f'; not yet: {", ".join(missing)}.' if missing else '.')
+    + ' AutoAttack where its evaluation has finished.'
+  )
   notes.append(wall_time_note(opts, rows))
   return rows, notes
 
@@ -414,13 +456,15 @@ def write_report(
   out = opts.workdir
   summary = study_report.summarise(rows)
   text = summary_markdown(opts, summary, notes, command)
-  artifacts.write_csv(out / 'runs.csv', rows)
-  flat = [{k: v for k, v in s.items() if k != 'values'} for s in summary]
-  artifacts.write_csv(out / 'summary.csv', flat)
+  if rows:  # (none when --report_only finds no finished run)
+    artifacts.write_csv(out / 'runs.csv', rows)
+    flat = [{k: v for k, v in s.items() if k != 'values'} for s in summary]
+    artifacts.write_csv(out / 'summary.csv', flat)
+    study_report.plot(summary, out, BASELINE)
   artifacts.write_text(out / 'summary.md', text)
-  study_report.plot(summary, out, BASELINE)
   baseline = run_dir(opts, grid()[0], opts.seeds[0]) / 'train' / 'metrics.jsonl'
-  report.plot_training_curves(report.training_curves(baseline), out / 'baseline_curve.png')
+  if baseline.exists():
+    report.plot_training_curves(report.training_curves(baseline), out / 'baseline_curve.png')
   return text
 
 
@@ -451,6 +495,11 @@ def parse_args(argv: Sequence[str]) -> Options:
     action='store_true',
     help='also run PUMA 30%% with FAB margins refreshed (about 10 runs of training each)',
   )
+  p.add_argument(
+    '--report_only',
+    action='store_true',
+    help="write the report of the runs finished so far and exit (a study's progress)",
+  )
   a = p.parse_args(argv)
   if a.train_steps < 1:
     p.error(f'--train_steps must be >= 1, got {a.train_steps}')
@@ -463,6 +512,7 @@ def parse_args(argv: Sequence[str]) -> Options:
     train_steps=a.train_steps,
     autoattack_examples=a.autoattack_examples,
     with_fab_refresh=a.with_fab_refresh,
+    report_only=a.report_only,
   )
 
 

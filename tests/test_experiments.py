@@ -241,3 +241,22 @@ def test_margin_scaling_scores_each_size_with_one_margin_model(tiny_study, tmp_p
   margin_scaling.main(argv)
   with open(out / 'results.csv') as f:
     assert f.read() == before
+
+
+def test_report_only_reports_the_finished_runs_and_runs_nothing(tiny_study, tmp_path, monkeypatch):
+  out, text = tiny_study
+
+  def must_not_run(*args, **kwargs):
+    raise AssertionError('--report_only ran a stage')
+
+  monkeypatch.setattr(pipeline, 'RUNNERS', {name: must_not_run for name in pipeline.STAGES})
+  monkeypatch.setattr(autoattack, 'run_standard', must_not_run)
+  # A finished study: the same table, AutoAttack included.
+  partial = study.main([f'--workdir={out}', '--tiny', '--report_only'])
+  table = [line for line in text.splitlines() if line.startswith('|')]
+  assert [line for line in partial.splitlines() if line.startswith('|')] == table
+  n = len(_rows(out / 'runs.csv'))
+  assert f'{n} of {n} runs finished.' in partial
+  # Nothing finished yet: every run is named, and nothing ran.
+  empty = study.main([f'--workdir={tmp_path}', '--tiny', '--report_only'])
+  assert f'0 of {n} runs finished; not yet: at_s0, puma_f0_s0' in empty
