@@ -88,7 +88,7 @@ def test_sharded_batch_gives_the_same_kernel_gradient():
 
 def test_kernel_gradient_of_a_sharded_batch_runs_on_each_devices_examples():
   strides, padding = (1, 1), ((1, 1), (1, 1))
-  x, kernel, g = _inputs(8, 16, 3, strides, padding)
+  x, kernel, g = _inputs(16, 16, 3, strides, padding)
   mesh = parallel.make_mesh(jax.devices())
   batch = parallel.data_sharding(mesh)
   want = jax.jit(_ours, static_argnums=(3, 4))(x, kernel, g, strides, padding)
@@ -97,7 +97,8 @@ def test_kernel_gradient_of_a_sharded_batch_runs_on_each_devices_examples():
     in_shardings=(batch, parallel.replicated(mesh), batch),
   )
   compiled = fn.lower(x, kernel, g).compile().as_text()
-  # Each device loops over its own 2 examples: no device gathers the others' rows.
+  # Each device loops over its own 4 examples (one chunk each; the first starts the sum):
+  # no device gathers the others' rows.
   assert 'all-gather(' not in compiled and ' while(' in compiled
   got = fn(jax.device_put(x, batch), kernel, jax.device_put(g, batch))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
