@@ -287,7 +287,7 @@ def select(
   usable = {s: np.ones(n, bool) for s, n in num_examples.items()}
   if margins is not None and settings.needs_margins:
     if settings.unconverged == 'infinite':
-      margins = {s: np.where(unconverged[s], np.copysign(np.inf, m), m) for s, m in margins.items()}
+      margins = {s: unconverged_as_infinite(m, unconverged[s]) for s, m in margins.items()}
     elif settings.unconverged == 'exclude':
       usable = {s: ~unconverged[s] for s in num_examples}
 
@@ -421,6 +421,11 @@ def _source_arrays(
       )
     out[s] = a
   return out
+
+
+def unconverged_as_infinite(margin: np.ndarray, unconverged: np.ndarray) -> np.ndarray:
+  """The 'infinite' rule: +-inf, by the margin's sign, where the margin did not converge."""
+  return np.where(unconverged, np.copysign(np.inf, margin), margin)
 
 
 def _check_unconverged(

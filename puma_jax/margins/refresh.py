@@ -61,14 +61,14 @@ def refreshed_eps(
     unconverged: keep_distance (use the margin, a lower bound) | infinite (+-inf: the full
       eps, by the margin's sign) | exclude (the kept set is fixed: keep `previous`).
   """
+  if unconverged not in pruning.UNCONVERGED:
+    raise ValueError(f'c.prune.unconverged={unconverged!r}: use one of {pruning.UNCONVERGED}')
   margins, converged = np.asarray(margins, np.float32), np.asarray(converged, bool)
   if unconverged == 'infinite':
-    margins = np.where(converged, margins, np.copysign(np.float32(np.inf), margins))
+    margins = pruning.unconverged_as_infinite(margins, ~converged)
   out = pruning.compute_eps(margins, eps, eps_rule)
   if unconverged == 'exclude':
     out = np.where(converged, out, np.asarray(previous, np.float32))
-  elif unconverged not in ('keep_distance', 'infinite'):
-    raise ValueError(f'c.prune.unconverged={unconverged!r}: not a rule refresh knows')
   return out.astype(np.float32)
 
 
@@ -145,6 +145,12 @@ class MarginRefresher:
     )
     total = sum(len(ids) for ids in self.kept.values())
     progress = Progress('refresh margins', total, every_s=30)
+
+    def pull(margins, converged, lo: int, n: int, res: tuple[jax.Array, ...]) -> None:
+      margins[lo : lo + n] = np.asarray(res[0])[:n]
+      converged[lo : lo + n] = np.asarray(res[2])[:n]
+      progress.update(n)
+
     out = {}
     for name, ids in self.kept.items():
       split, margins = self.splits[name], np.empty(len(ids), np.float32)
@@ -156,14 +162,9 @@ class MarginRefresher:
         images, labels = input_pipeline.read_examples(split, padded)
         pending.append((lo, len(chunk), runner.dispatch(images.astype(np.float32) / 255, labels)))
         if len(pending) > 1:  # the next batch is queued before this one is pulled back
-          lo_, n, res = pending.pop(0)
-          margins[lo_ : lo_ + n] = np.asarray(res[0])[:n]
-          converged[lo_ : lo_ + n] = np.asarray(res[2])[:n]
-          progress.update(n)
-      for lo_, n, res in pending:
-        margins[lo_ : lo_ + n] = np.asarray(res[0])[:n]
-        converged[lo_ : lo_ + n] = np.asarray(res[2])[:n]
-        progress.update(n)
+          pull(margins, converged, *pending.pop(0))
+      for args in pending:
+        pull(margins, converged, *args)
       out[name] = (margins, converged)
     progress.close()
     return out
