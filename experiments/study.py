@@ -532,7 +532,8 @@ def main(argv: Sequence[str] | None = None) -> str:
   _setup(opts)
   start = time.perf_counter()
   rows, notes = run_study(opts)
-  text = write_report(opts, rows, notes, 'python -m experiments.study ' + ' '.join(argv))
+  made_by = [a for a in argv if a != '--report_only']  # the command that runs (or resumes) it
+  text = write_report(opts, rows, notes, 'python -m experiments.study ' + ' '.join(made_by))
   print(text)  # noqa: T201
   seconds = time.perf_counter() - start
   print(f'wrote {opts.workdir}/summary.md and its plots in {seconds:.0f}s')  # noqa: T201

@@ -257,6 +257,8 @@ def test_report_only_reports_the_finished_runs_and_runs_nothing(tiny_study, tmp_
   assert [line for line in partial.splitlines() if line.startswith('|')] == table
   n = len(_rows(out / 'runs.csv'))
   assert f'{n} of {n} runs finished.' in partial
+  # It names the command that runs the study, not itself.
+  assert f'Command: `python -m experiments.study --workdir={out} --tiny`' in partial
   # Nothing finished yet: every run is named, and nothing ran.
   empty = study.main([f'--workdir={tmp_path}', '--tiny', '--report_only'])
   assert f'0 of {n} runs finished; not yet: at_s0, puma_f0_s0' in empty
