@@ -32,8 +32,9 @@ library's evaluator, into `<run>/autoattack/` (resumable batch by batch).
 The report, read from each run's `report.json` (the pipeline's report stage):
 `runs.csv` (one row per run), `summary.csv` and `summary.md` (mean ± std over
 seeds; which differences lie within the seed spread), `accuracy_vs_robustness.png`,
-`robust_vs_ratio.png` and `baseline_curve.png` (the baseline's training curve
-from its metrics.jsonl), all in the study workdir. `--tiny` runs a few settings
+`robust_vs_ratio.png` and `baseline_curve.png` (the training curves of the
+baseline and of the baseline at twice the steps, from their metrics.jsonl), all
+in the study workdir. `--tiny` runs a few settings
 on the `:tiny` config with one seed (tests).
 """
 
@@ -75,6 +76,9 @@ OPTIONAL_SETTINGS = ('puma_f0.3_fab_refresh',)
 AUTOATTACK_EXAMPLES = 0
 TINY_SETTINGS = ('at', 'puma_f0', 'puma_f0.3', 'prune_low_f0.3', 'puma_f0.3_first_order')
 BASELINE = 'at'
+# The baseline at twice the steps (the same schedule, stretched): whether `TRAIN_STEPS` is
+# long enough, checked rather than assumed. Its first seed also logs its curve.
+LONG_BASELINE = 'at_2x'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,12 +90,14 @@ class Setting:
     label: what the tables call it.
     overrides: dotted config field -> value.
     requires: config fields that must exist for the setting to run.
+    steps_factor: trains this many times the study's steps (the schedule stretched).
   """
 
   name: str
   label: str
   overrides: Mapping[str, Any]
   requires: tuple[str, ...] = ()
+  steps_factor: int = 1
 
   @property
   def strategy(self) -> str:
@@ -109,15 +115,10 @@ def _puma(ratio: float, **extra: Any) -> dict[str, Any]:
 def grid() -> list[Setting]:
   """Every setting of the study, in report order."""
   c = COMPARE_RATIO
+  no_pruning = {'prune.strategy': 'none', 'prune.fraction': 0.0}
   out = [
-    Setting(
-      BASELINE,
-      'adversarial training (no pruning, constant eps)',
-      {
-        'prune.strategy': 'none',
-        'prune.fraction': 0.0,
-      },
-    ),
+    Setting(BASELINE, 'adversarial training (no pruning, constant eps)', no_pruning),
+    Setting(LONG_BASELINE, 'adversarial training, twice the steps', no_pruning, steps_factor=2),
   ]
   out += [Setting(f'puma_f{r:g}', f'PUMA {r:.0%}', _puma(r)) for r in RATIOS]
   for strategy in ('random', 'prune_low', 'prune_high'):
@@ -197,13 +198,15 @@ def run_config(opts: Options, setting: Setting, seed: int) -> Any:
   config.margin_model.source = 'checkpoint'
   config.margin_model.path = str(opts.workdir / 'base' / 'margin_model')
   train = config.train
-  steps = opts.train_steps if not opts.tiny else train.num_steps
+  study_steps = opts.train_steps if not opts.tiny else train.num_steps
+  steps = study_steps * setting.steps_factor
   # The default's learning-rate schedule at this length (the same share of warm-up).
   train.warmup_steps = max(1, round(train.warmup_steps * steps / train.num_steps))
   train.num_steps = steps
-  # The baseline's first seed shows its curve (eval_every_steps does not change the training).
-  points = CURVE_POINTS if (setting.name, seed) == (BASELINE, 0) else 1
-  train.eval_every_steps = max(1, steps // points)
+  # The baselines' first seed shows their curves, a point every `study_steps / CURVE_POINTS`
+  # steps (eval_every_steps does not change the training); the other runs evaluate at the end.
+  curve = setting.name in (BASELINE, LONG_BASELINE) and seed == 0
+  train.eval_every_steps = max(1, study_steps // CURVE_POINTS) if curve else steps
   train.checkpoint_every_steps = min(train.checkpoint_every_steps, steps)
   if not opts.tiny:
     config.eval.num_examples = opts.eval_examples
@@ -435,6 +438,7 @@ def summary_markdown(
       f'Command: `{command}`',
       '',
       f'Every run trains {config.train.num_steps} steps of batch {config.train.batch_size} '
+      f'({LONG_BASELINE}: {2 * config.train.num_steps}, the same schedule stretched) '
       f'(`{config.train.loss}`, {config.attack.norm} eps {config.attack.eps:g}) and is '
       f'evaluated on {"all" if not config.eval.num_examples else config.eval.num_examples} '
       f'test digits (PGD-{config.eval.pgd_steps}, CE and CW losses; "PGD worst" counts an '
@@ -462,9 +466,14 @@ def write_report(
     artifacts.write_csv(out / 'summary.csv', flat)
     study_report.plot(summary, out, BASELINE)
   artifacts.write_text(out / 'summary.md', text)
-  baseline = run_dir(opts, grid()[0], opts.seeds[0]) / 'train' / 'metrics.jsonl'
-  if baseline.exists():
-    report.plot_training_curves(report.training_curves(baseline), out / 'baseline_curve.png')
+  curves = {}
+  for s in grid():
+    metrics = run_dir(opts, s, opts.seeds[0]) / 'train' / 'metrics.jsonl'
+    if s.name in (BASELINE, LONG_BASELINE) and metrics.exists():
+      curves[f'{s.name}, {s.steps_factor * opts.train_steps} steps'] = report.training_curves(
+        metrics
+      )
+  study_report.plot_curves(curves, out / 'baseline_curve.png')
   return text
 
 

@@ -207,3 +207,31 @@ def plot(summary: Sequence[Mapping[str, Any]], out: Path, baseline: str) -> None
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
   artifacts.write_bytes(out / 'robust_vs_ratio.png', _png(fig))
+
+
+def plot_curves(curves: Mapping[str, Mapping[str, Sequence[float]]], path: Path) -> None:
+  """The test accuracies logged during training (`report.training_curves`), one run a colour.
+
+  Clean accuracy solid, PGD accuracy dashed; nothing is written without a curve.
+  """
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+  from matplotlib.figure import Figure  # noqa: PLC0415
+
+  from puma_jax import artifacts  # noqa: PLC0415
+
+  curves = {label: c for label, c in curves.items() if c['step']}
+  if not curves:
+    return
+  fig = Figure(figsize=(6, 3.8))
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
+  for i, (label, c) in enumerate(curves.items()):
+    for key, style, name in (('clean_accuracy', 'o-', 'clean'), ('pgd_accuracy', 's--', 'PGD')):
+      percent = [100 * x for x in c[key]]
+      ax.plot(c['step'], percent, style, color=f'C{i}', markersize=4, label=f'{label}: {name}')
+  ax.set_xlabel('training step')
+  ax.set_ylabel('test accuracy (%, EMA weights)')
+  ax.set_ylim(0, 100)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, loc='lower right')
+  artifacts.write_bytes(path, _png(fig))

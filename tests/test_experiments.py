@@ -156,6 +156,32 @@ def test_the_full_grid_covers_the_study():
   assert config.train.refresh_margins_every == study.REFRESH_EVERY < config.train.num_steps
 
 
+def test_the_long_baseline_stretches_the_baselines_schedule_and_logs_its_curve():
+  opts = study.Options(workdir=study.Path('/w'))
+  by = {s.name: s for s in study.grid()}
+  at, long = (study.run_config(opts, by[n], 0) for n in (study.BASELINE, study.LONG_BASELINE))
+  assert long.prune.to_dict() == at.prune.to_dict()  # the same training set and eps
+  assert long.train.num_steps == 2 * at.train.num_steps == 2 * study.TRAIN_STEPS
+  assert long.train.warmup_steps == 2 * at.train.warmup_steps
+  # Both first seeds log a curve point every TRAIN_STEPS / CURVE_POINTS steps; others don't.
+  step = study.TRAIN_STEPS // study.CURVE_POINTS
+  assert long.train.eval_every_steps == at.train.eval_every_steps == step
+  later = study.run_config(opts, by[study.LONG_BASELINE], 1)
+  assert later.train.eval_every_steps == later.train.num_steps
+  # Every other run trains the study's steps.
+  others = [s for s in study.grid() if s.name != study.LONG_BASELINE]
+  assert {study.run_config(opts, s, 0).train.num_steps for s in others} == {study.TRAIN_STEPS}
+
+
+def test_plot_curves_draws_each_run_and_skips_empty_ones(tmp_path):
+  curve = {'step': [100, 200], 'clean_accuracy': [0.9, 0.92], 'pgd_accuracy': [0.3, 0.5]}
+  empty = {'step': [], 'clean_accuracy': [], 'pgd_accuracy': []}
+  study_report.plot_curves({'a': curve, 'b': curve, 'c': empty}, tmp_path / 'two.png')
+  assert (tmp_path / 'two.png').read_bytes().startswith(b'\x89PNG')
+  study_report.plot_curves({'c': empty}, tmp_path / 'none.png')
+  assert not (tmp_path / 'none.png').exists()
+
+
 def test_within_spread_compares_the_difference_with_its_standard_error():
   def setting(values):
     return {'values': {'m': values}}
