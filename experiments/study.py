@@ -277,11 +277,13 @@ def finished_row(
 
   `with_autoattack`: also its AutoAttack accuracy, where that evaluation has finished.
   """
-  from puma_jax import artifacts  # noqa: PLC0415
+  from puma_jax import artifacts, metric_writer  # noqa: PLC0415
 
   workdir = run_dir(opts, setting, seed)
   if not (workdir / 'report.json').exists():
     return None
+  logged = metric_writer.read_metrics(workdir / 'train' / 'metrics.jsonl')
+  eps = [r['train/mean_eps'] for r in logged if 'train/mean_eps' in r]
   ev = artifacts.read_json(workdir / 'report.json')['evaluation_report']
   times_path = workdir / 'study_seconds.json'
   times = artifacts.read_json(times_path) if times_path.exists() else {}
@@ -295,6 +297,7 @@ def finished_row(
     'seed': seed,
     **{m: ev[m] for m in METRICS},
     'autoattack_acc': artifacts.read_json(aa_path)['autoattack_acc'] if aa else None,
+    'mean_eps': sum(eps) / len(eps) if eps else None,
     'eval_examples': ev['n_examples'],
     'seconds': times.get('run', 0.0),  # wall time over every invocation that worked on it
     'autoattack_seconds': times.get('autoattack') if aa else None,
@@ -438,12 +441,14 @@ def summary_markdown(
       f'Command: `{command}`',
       '',
       f'Every run trains {config.train.num_steps} steps of batch {config.train.batch_size} '
-      f'({LONG_BASELINE}: {2 * config.train.num_steps}, the same schedule stretched) '
-      f'(`{config.train.loss}`, {config.attack.norm} eps {config.attack.eps:g}) and is '
-      f'evaluated on {"all" if not config.eval.num_examples else config.eval.num_examples} '
+      f'(`{config.train.loss}`, {config.attack.norm} eps {config.attack.eps:g}; '
+      f'{LONG_BASELINE}: {2 * config.train.num_steps} steps, the same schedule stretched) '
+      f'and is evaluated on '
+      f'{"all" if not config.eval.num_examples else config.eval.num_examples} '
       f'test digits (PGD-{config.eval.pgd_steps}, CE and CW losses; "PGD worst" counts an '
       'example robust when it survives both). Accuracies in percent, mean ± std over seeds '
-      f'({", ".join(map(str, opts.seeds))}).',
+      f'({", ".join(map(str, opts.seeds))}). "train eps": the training attack radius, the '
+      "batches' mean eps averaged over the logged steps (mean over seeds).",
     ],
     labels={s.name: s.label for s in grid()},
     baseline=BASELINE,

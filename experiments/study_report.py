@@ -22,6 +22,9 @@ METRIC_LABELS = {
   'worst_case_acc': 'PGD worst',
   'autoattack_acc': 'AutoAttack',
 }
+# Every summarised column: the accuracies, then the mean training radius (the mean over the
+# logged steps of the batches' mean eps: what the margins did to the attack).
+COLUMNS = (*METRICS, 'autoattack_acc', 'mean_eps')
 
 
 def _stats(values: Sequence[float]) -> tuple[float | None, float | None]:
@@ -40,9 +43,9 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
   out = []
   for name, rs in groups.items():
     s = {'setting': name, 'strategy': rs[0]['strategy'], 'ratio': rs[0]['ratio'], 'seeds': len(rs)}
-    for m in (*METRICS, 'autoattack_acc'):
-      s[f'{m}_mean'], s[f'{m}_std'] = _stats([r[m] for r in rs])
-    s['values'] = {m: [r[m] for r in rs] for m in (*METRICS, 'autoattack_acc')}
+    for m in COLUMNS:
+      s[f'{m}_mean'], s[f'{m}_std'] = _stats([r.get(m) for r in rs])
+    s['values'] = {m: [r.get(m) for r in rs] for m in COLUMNS}
     out.append(s)
   return out
 
@@ -122,12 +125,13 @@ def markdown(
     *preamble,
     '',
     tables.markdown_table(
-      ['setting', 'seeds', 'clean', 'PGD-CE', 'PGD-CW', 'PGD worst', 'AutoAttack'],
+      ['setting', 'seeds', 'clean', 'PGD-CE', 'PGD-CW', 'PGD worst', 'AutoAttack', 'train eps'],
       [
         [
           labels.get(s['setting'], s['setting']),
           s['seeds'],
           *(_cell(s, m) for m in (*METRICS, 'autoattack_acc')),
+          '-' if s['mean_eps_mean'] is None else f'{s["mean_eps_mean"]:.3f}',
         ]
         for s in summary
       ],

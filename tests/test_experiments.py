@@ -64,6 +64,12 @@ def test_study_runs_each_available_setting_with_its_own_report(tiny_study):
     for m in study.METRICS:
       assert float(r[m]) == report['evaluation_report'][m]
     assert float(r['worst_case_acc']) <= min(float(r['pgd_ce_acc']), float(r['pgd_cw_acc']))
+    # The training radius: the attack's eps without PUMA, below it with it.
+    eps = config['attack']['eps']
+    if setting.strategy == 'puma':
+      assert -eps < float(r['mean_eps']) < eps  # signed: eps_i = m_i below eps
+    else:
+      assert float(r['mean_eps']) == pytest.approx(eps)
   # The standard adversarial training baseline: no pruning and a constant eps.
   at = json.loads((out / 'runs' / 'at_s0' / 'config.json').read_text())
   assert at['prune']['strategy'] == 'none'
