@@ -159,7 +159,9 @@ def test_the_full_grid_covers_the_study():
   assert study.parse_args(['--workdir=/w']).autoattack_examples == study.AUTOATTACK_EXAMPLES
   refresh = next(s for s in study.grid() if s.name == 'puma_f0.3_deepfool_refresh')
   config = study.run_config(opts, refresh, 0)
-  assert config.train.refresh_margins_every == study.REFRESH_EVERY < config.train.num_steps
+  assert config.train.refresh_margins_every == config.train.num_steps // 2  # once, halfway
+  short = study.run_config(study.Options(workdir=study.Path('/w'), train_steps=800), refresh, 0)
+  assert short.train.refresh_margins_every == 400
 
 
 def test_the_long_baseline_stretches_the_baselines_schedule_and_logs_its_curve():
