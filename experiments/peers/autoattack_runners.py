@@ -31,6 +31,37 @@ def _predict(model, x, bs):
     return torch.cat([model(x[i : i + bs]).argmax(1) for i in range(0, len(x), bs)])
 
 
+def _cascade(model, x, y, bs, attacks, name, log):
+  """Runs `attacks` (STAGES[1:] order), each on the examples the previous left robust.
+
+  Args:
+    attacks: one callable per attack, `(x_robust, y_robust) -> x_adv` for those examples.
+    name: what the log lines call this AutoAttack.
+
+  Returns:
+    `(flags, x_adv, attack wall seconds by attack name)`, as the module docstring says.
+  """
+  flags = torch.zeros(len(x), len(STAGES), dtype=torch.bool)
+  flags[:, 0] = _predict(model, x, bs) == y
+  x_adv = x.clone()
+  times = {}
+  for i, (attack, run) in enumerate(zip(STAGES[1:], attacks, strict=True), start=1):
+    robust = flags[:, i - 1].nonzero().squeeze(1)
+    flags[:, i] = flags[:, i - 1]
+    t0 = time.perf_counter()
+    if len(robust):
+      adv = run(x[robust], y[robust])
+      broken = _predict(model, adv, bs) != y[robust]
+      flags[robust[broken], i] = False
+      x_adv[robust[broken]] = adv[broken]
+    times[attack] = time.perf_counter() - t0
+    log(
+      f'[peer] {name}: robust accuracy after {attack.upper()}: '
+      f'{100 * flags[:, i].float().mean():.2f}% ({times[attack]:.1f} s)'
+    )
+  return flags, x_adv, times
+
+
 def original(model, x, y, *, norm, eps, seed, bs, budgets=None, log=print):
   """The reference AutoAttack, one attack at a time (see the module docstring)."""
   from autoattack import AutoAttack
@@ -52,25 +83,16 @@ def original(model, x, y, *, norm, eps, seed, bs, budgets=None, log=print):
     'square_queries': adversary.square.n_queries,
     'apgd_restarts': adversary.apgd.n_restarts,
   }
-  flags = torch.zeros(len(x), len(STAGES), dtype=torch.bool)
-  flags[:, 0] = _predict(model, x, bs) == y
-  x_adv = x.clone()
-  times = {}
-  for i, attack in enumerate(STAGES[1:], start=1):
-    robust = flags[:, i - 1].nonzero().squeeze(1)
-    flags[:, i] = flags[:, i - 1]
-    t0 = time.perf_counter()
-    if len(robust):
+
+  def one(attack):
+    def run(xs, ys):
       adversary.attacks_to_run = [attack]
-      adv = adversary.run_standard_evaluation(x[robust], y[robust], bs=bs)
-      broken = _predict(model, adv, bs) != y[robust]
-      flags[robust[broken], i] = False
-      x_adv[robust[broken]] = adv[broken]
-    times[attack] = time.perf_counter() - t0
-    log(
-      f'[peer] original AutoAttack: robust accuracy after {attack.upper()}: '
-      f'{100 * flags[:, i].float().mean():.2f}% ({times[attack]:.1f} s)'
-    )
+      return adversary.run_standard_evaluation(xs, ys, bs=bs)
+
+    return run
+
+  attacks = [one(attack) for attack in STAGES[1:]]
+  flags, x_adv, times = _cascade(model, x, y, bs, attacks, 'original AutoAttack', log)
   return flags, x_adv, {'budgets': ran, 'attack_wall_s': times}
 
 
@@ -105,26 +127,19 @@ def torchattacks_standard(model, x, y, *, norm, eps, seed, bs, budgets=None, log
     'fab_num_targets': fab.n_target_classes,
     'square_queries': square.n_queries,
   }
-  # The cascade of MultiAttack, one attack at a time so that the flags after each are kept.
-  flags = torch.zeros(len(x), len(STAGES), dtype=torch.bool)
-  flags[:, 0] = _predict(model, x, bs) == y
-  x_adv = x.clone()
-  times = {}
-  for i, (attack, part) in enumerate(zip(STAGES[1:], parts, strict=True), start=1):
-    robust = flags[:, i - 1].nonzero().squeeze(1)
-    flags[:, i] = flags[:, i - 1]
-    t0 = time.perf_counter()
-    for start in range(0, len(robust), bs):
-      idx = robust[start : start + bs]
-      adv = part(x[idx], y[idx]).detach()
-      broken = _predict(model, adv, bs) != y[idx]
-      flags[idx[broken], i] = False
-      x_adv[idx[broken]] = adv[broken]
-    times[attack] = time.perf_counter() - t0
-    log(
-      f'[peer] torchattacks AutoAttack: robust accuracy after {attack.upper()}: '
-      f'{100 * flags[:, i].float().mean():.2f}% ({times[attack]:.1f} s)'
-    )
+
+  # The cascade of MultiAttack, one attack at a time so that the flags after each are kept;
+  # each attack runs on batches of `bs` of the examples still robust.
+  def batched(part):
+    def run(xs, ys):
+      return torch.cat(
+        [part(xs[i : i + bs], ys[i : i + bs]).detach() for i in range(0, len(xs), bs)]
+      )
+
+    return run
+
+  attacks = [batched(part) for part in parts]
+  flags, x_adv, times = _cascade(model, x, y, bs, attacks, 'torchattacks AutoAttack', log)
   return flags, x_adv, {'budgets': ran, 'attack_wall_s': times}
 
 
