@@ -11,8 +11,8 @@ key, then:
 - `tutorial_eps.png`: the attack radii after PUMA (30% of the generated pool
   pruned, eps 0.1) of those digits, by source.
 
-The pruning sweep's plot (`docs/img/pruning_sweep.png`) is not made here
-(docs/experiments.md says how it was made; `experiments/study.py` makes the study's).
+The study's plots (`docs/img/study_*.png`) are not made here:
+`experiments/study.py` makes them (docs/experiments.md).
 
   PYTHONPATH=$PWD python docs/make_tutorial_figures.py                 # docs/img/
   PYTHONPATH=$PWD python docs/make_tutorial_figures.py --fast --out=/tmp/figs
