@@ -78,6 +78,7 @@ BASELINE = 'at'
 # The baseline at twice the steps (the same schedule, stretched): whether `TRAIN_STEPS` is
 # long enough, checked rather than assumed. Its first seed also logs its curve.
 LONG_BASELINE = 'at_2x'
+CURVE_SETTINGS = (BASELINE, LONG_BASELINE)  # their first seed logs a training curve
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,7 +206,7 @@ def run_config(opts: Options, setting: Setting, seed: int) -> Any:
   train.num_steps = steps
   # The baselines' first seed shows their curves, a point every `study_steps / CURVE_POINTS`
   # steps (eval_every_steps does not change the training); the other runs evaluate at the end.
-  curve = setting.name in (BASELINE, LONG_BASELINE) and seed == 0
+  curve = setting.name in CURVE_SETTINGS and seed == 0
   train.eval_every_steps = max(1, study_steps // CURVE_POINTS) if curve else steps
   train.checkpoint_every_steps = min(train.checkpoint_every_steps, steps)
   if not opts.tiny:
@@ -434,6 +435,7 @@ def summary_markdown(
 ) -> str:
   """summary.md of the study (`study_report.markdown` with the study's setup)."""
   config = run_config(opts, grid()[0], 0)
+  long = run_config(opts, grid()[1], 0)
   return study_report.markdown(
     summary,
     notes,
@@ -443,7 +445,7 @@ def summary_markdown(
       '',
       f'Every run trains {config.train.num_steps} steps of batch {config.train.batch_size} '
       f'(`{config.train.loss}`, {config.attack.norm} eps {config.attack.eps:g}; '
-      f'{LONG_BASELINE}: {2 * config.train.num_steps} steps, the same schedule stretched) '
+      f'{LONG_BASELINE}: {long.train.num_steps} steps, the same schedule stretched) '
       f'and is evaluated on '
       f'{"all" if not config.eval.num_examples else config.eval.num_examples} '
       f'test digits (PGD-{config.eval.pgd_steps}, CE and CW losses; "PGD worst" counts an '
@@ -472,14 +474,14 @@ def write_report(
     artifacts.write_csv(out / 'summary.csv', flat)
     study_report.plot(summary, out, BASELINE)
   artifacts.write_text(out / 'summary.md', text)
-  curves = {}
-  for s in grid():
-    metrics = run_dir(opts, s, opts.seeds[0]) / 'train' / 'metrics.jsonl'
-    if s.name in (BASELINE, LONG_BASELINE) and metrics.exists():
-      curves[f'{s.name}, {s.steps_factor * opts.train_steps} steps'] = report.training_curves(
-        metrics
-      )
-  study_report.plot_curves(curves, out / 'baseline_curve.png')
+  curves = {
+    f'{s.name}, {run_config(opts, s, 0).train.num_steps} steps': report.training_curves(
+      run_dir(opts, s, 0) / 'train' / 'metrics.jsonl'
+    )
+    for s in grid()
+    if s.name in CURVE_SETTINGS
+  }
+  report.plot_training_curves(curves, out / 'baseline_curve.png')
   return text
 
 

@@ -44,8 +44,8 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
   for name, rs in groups.items():
     s = {'setting': name, 'strategy': rs[0]['strategy'], 'ratio': rs[0]['ratio'], 'seeds': len(rs)}
     for m in COLUMNS:
-      s[f'{m}_mean'], s[f'{m}_std'] = _stats([r.get(m) for r in rs])
-    s['values'] = {m: [r.get(m) for r in rs] for m in COLUMNS}
+      s[f'{m}_mean'], s[f'{m}_std'] = _stats([r[m] for r in rs])
+    s['values'] = {m: [r[m] for r in rs] for m in COLUMNS}
     out.append(s)
   return out
 
@@ -211,31 +211,3 @@ def plot(summary: Sequence[Mapping[str, Any]], out: Path, baseline: str) -> None
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
   artifacts.write_bytes(out / 'robust_vs_ratio.png', _png(fig))
-
-
-def plot_curves(curves: Mapping[str, Mapping[str, Sequence[float]]], path: Path) -> None:
-  """The test accuracies logged during training (`report.training_curves`), one run a colour.
-
-  Clean accuracy solid, PGD accuracy dashed; nothing is written without a curve.
-  """
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
-  from matplotlib.figure import Figure  # noqa: PLC0415
-
-  from puma_jax import artifacts  # noqa: PLC0415
-
-  curves = {label: c for label, c in curves.items() if c['step']}
-  if not curves:
-    return
-  fig = Figure(figsize=(6, 3.8))
-  FigureCanvasAgg(fig)
-  ax = fig.add_subplot()
-  for i, (label, c) in enumerate(curves.items()):
-    for key, style, name in (('clean_accuracy', 'o-', 'clean'), ('pgd_accuracy', 's--', 'PGD')):
-      percent = [100 * x for x in c[key]]
-      ax.plot(c['step'], percent, style, color=f'C{i}', markersize=4, label=f'{label}: {name}')
-  ax.set_xlabel('training step')
-  ax.set_ylabel('test accuracy (%, EMA weights)')
-  ax.set_ylim(0, 100)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7, loc='lower right')
-  artifacts.write_bytes(path, _png(fig))

@@ -6,6 +6,7 @@ rerun at any time.
 """
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,18 +68,27 @@ def training_curves(metrics_path: Path) -> dict[str, list[float]]:
   return curves
 
 
-def plot_training_curves(curves: dict[str, list[float]], path: Path) -> Path | None:
-  if not curves['step']:
+def plot_training_curves(
+  runs: Mapping[str, Mapping[str, Sequence[float]]], path: Path
+) -> Path | None:
+  """The `training_curves` of one or more runs, a colour per run: clean solid, PGD dashed.
+
+  `runs` maps a legend label ('' for a lone run) to its curves; None when none has a point.
+  """
+  runs = {label: c for label, c in runs.items() if c['step']}
+  if not runs:
     return None
   fig = Figure(figsize=(6, 3.5))
   ax = fig.add_subplot()
-  ax.plot(curves['step'], curves['clean_accuracy'], 'o-', label='clean')
-  ax.plot(curves['step'], curves['pgd_accuracy'], 's-', label='PGD')
+  for i, (label, c) in enumerate(runs.items()):
+    for key, style, name in (('clean_accuracy', 'o-', 'clean'), ('pgd_accuracy', 's--', 'PGD')):
+      legend = f'{label}: {name}' if label else name
+      ax.plot(c['step'], c[key], style, color=f'C{i}', markersize=4, label=legend)
   ax.set_xlabel('training step')
   ax.set_ylabel('test accuracy (EMA weights)')
   ax.set_ylim(0, 1)
   ax.grid(alpha=0.3)
-  ax.legend()
+  ax.legend(fontsize=7 if len(runs) > 1 else None, loc='lower right')
   return _save(fig, path)
 
 
@@ -231,7 +241,7 @@ def write_report(config: Any, workdir: str | Path) -> dict[str, Path]:
   )
   if eps_plot:
     plots['Per-example eps'] = eps_plot.name
-  curve_plot = plot_training_curves(curves, workdir / 'training_curves.png')
+  curve_plot = plot_training_curves({'': curves}, workdir / 'training_curves.png')
   if curve_plot:
     plots['Accuracy and robustness over training'] = curve_plot.name
 

@@ -13,7 +13,7 @@ import ml_collections
 import pytest
 
 from experiments import margin_scaling, study, study_report
-from puma_jax import margins, pipeline
+from puma_jax import margins, pipeline, report
 from puma_jax.attacks import autoattack
 
 
@@ -181,12 +181,12 @@ def test_the_long_baseline_stretches_the_baselines_schedule_and_logs_its_curve()
   assert {study.run_config(opts, s, 0).train.num_steps for s in others} == {study.TRAIN_STEPS}
 
 
-def test_plot_curves_draws_each_run_and_skips_empty_ones(tmp_path):
+def test_training_curves_plot_several_runs_and_skips_empty_ones(tmp_path):
   curve = {'step': [100, 200], 'clean_accuracy': [0.9, 0.92], 'pgd_accuracy': [0.3, 0.5]}
   empty = {'step': [], 'clean_accuracy': [], 'pgd_accuracy': []}
-  study_report.plot_curves({'a': curve, 'b': curve, 'c': empty}, tmp_path / 'two.png')
+  report.plot_training_curves({'a': curve, 'b': curve, 'c': empty}, tmp_path / 'two.png')
   assert (tmp_path / 'two.png').read_bytes().startswith(b'\x89PNG')
-  study_report.plot_curves({'c': empty}, tmp_path / 'none.png')
+  assert report.plot_training_curves({'c': empty}, tmp_path / 'none.png') is None
   assert not (tmp_path / 'none.png').exists()
 
 
